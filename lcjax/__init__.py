@@ -1,0 +1,1 @@
+"""lcjax: long-context language models in JAX."""

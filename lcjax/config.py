@@ -1,0 +1,70 @@
+"""gin parsing for the CLIs, and type checks for the gin-configured dataclasses.
+
+gin already rejects unknown configurables and parameters at parse time; it does not check
+value types, so every config dataclass calls `check_types` in `__post_init__`: a wrong type
+fails before anything compiles, naming the binding to fix.
+"""
+
+import dataclasses
+import logging
+import os
+import types
+import typing
+
+import gin
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def parse_gin(files: list[str], bindings: list[str]) -> None:
+  """Loads gin files then bindings (later ones override earlier ones).
+
+  `include` lines resolve against each file's directory and the repository's configs/.
+  """
+  for path in [*(os.path.dirname(os.path.abspath(f)) for f in files), CONFIGS_DIR]:
+    gin.add_config_file_search_path(path)
+  # gin logs "Path not found" for every search path it tries before the one that matches.
+  logging.disable(logging.ERROR)
+  try:
+    gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+  except (ValueError, KeyError, SyntaxError, OSError) as e:
+    raise ValueError(
+        f"Bad gin configuration: {e}\n(files: {files}, bindings: {bindings}). Check the "
+        "spelling of the configurable and parameter against the dataclasses in lcjax "
+        "(e.g. ModelConfig, DataConfig, TrainConfig, OptimConfig, MeshConfig).") from e
+  finally:
+    logging.disable(logging.NOTSET)
+
+
+def _matches(value, hint) -> bool:
+  origin = typing.get_origin(hint)
+  if hint is typing.Any:
+    return True
+  if origin in (typing.Union, types.UnionType):
+    return any(_matches(value, h) for h in typing.get_args(hint))
+  if hint is type(None):
+    return value is None
+  if origin is tuple:
+    args = typing.get_args(hint)
+    if not isinstance(value, (tuple, list)):
+      return False
+    if len(args) == 2 and args[1] is Ellipsis:
+      return all(_matches(v, args[0]) for v in value)
+    return len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args))
+  if hint is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if hint is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  return isinstance(value, origin or hint)
+
+
+def check_types(config) -> None:
+  """Raises TypeError naming `Class.field` when a field's value does not match its annotation."""
+  hints = typing.get_type_hints(type(config))
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if not _matches(value, hints[field.name]):
+      name = f"{type(config).__name__}.{field.name}"
+      raise TypeError(
+          f"{name} = {value!r} has type {type(value).__name__}, expected "
+          f"{hints[field.name]}. Fix the gin binding '{name}'.")

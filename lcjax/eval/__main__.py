@@ -1,0 +1,66 @@
+"""lcjax-eval / python -m lcjax.eval --gin_file=F [--gin_bindings=...] --workdir=DIR [--step=N]
+
+Restores the newest (or the named) checkpoint of DIR and writes DIR/eval/results.json.
+"""
+
+import json
+import os
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", [], "gin files, applied in order (later ones win).")
+flags.DEFINE_multi_string("gin_bindings", [], "gin bindings, applied after the files.")
+flags.DEFINE_string("workdir", None, "The training run's directory.")
+flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the newest).")
+flags.mark_flag_as_required("workdir")
+
+
+def evaluate_checkpoint(workdir: str, step: int | None = None) -> dict:
+  import jax
+
+  from lcjax.eval.evaluate import evaluate
+  from lcjax.train import state as train_state
+  from lcjax.train.checkpoint import Checkpointer, abstract_with_shardings
+  from lcjax.train.loop import Run, build, load_eval_batches
+
+  run = Run.from_gin()
+  b = build(run)
+  ckpt = Checkpointer(workdir, every=1, keep=run.train.keep_checkpoints)
+  step = ckpt.latest_step() if step is None else step
+  if step is None or step not in ckpt.all_steps():
+    raise FileNotFoundError(
+        f"No checkpoint {'at step ' + str(step) if step is not None else ''} in "
+        f"{ckpt.directory} (available: {ckpt.all_steps()}). Train first with "
+        f"`python -m lcjax.train ... --workdir={workdir}`.")
+  abstract = train_state.abstract_state(b["abstract_params"], b["optimizer"])
+  state, _ = ckpt.restore(step, abstract_with_shardings(abstract, b["shardings"]))
+  ckpt.close()
+  metrics = evaluate(b["eval_step"], state["params"], load_eval_batches(run), b["put_batch"])
+  results = {"step": step, "checkpoint": os.path.join(ckpt.directory, str(step)), **metrics}
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    with open(os.path.join(workdir, "eval", "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+def main(argv):
+  del argv
+  from lcjax.config import parse_gin
+  from lcjax.train.distributed import maybe_initialize
+
+  parse_gin(FLAGS.gin_file, FLAGS.gin_bindings)
+  maybe_initialize()
+  results = evaluate_checkpoint(FLAGS.workdir, FLAGS.step)
+  print("\n== lcjax eval ==")
+  print(json.dumps(results, indent=1))
+  print(f"written to {os.path.join(os.path.abspath(FLAGS.workdir), 'eval', 'results.json')}")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

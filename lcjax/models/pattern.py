@@ -1,0 +1,26 @@
+"""Layer patterns in Megatron's hybrid notation: one symbol per block.
+
+"*-*-" is attention, MLP, attention, MLP. Each symbol maps to a mixer factory
+`factory(cfg, *, rngs)` whose module is called as `mixer(x, *, segment_ids, positions)`;
+a new mixer is one entry in `MIXERS`.
+"""
+
+from lcjax.models.attention import Attention
+from lcjax.models.layers import MLP
+
+MIXERS = {
+    "*": Attention,
+    "-": MLP,
+}
+
+
+def parse_pattern(pattern: str) -> tuple[str, ...]:
+  """"*-*-" -> ("*", "-", "*", "-"); raises ValueError on an empty pattern or unknown symbol."""
+  allowed = ", ".join(repr(s) for s in MIXERS)
+  if not pattern:
+    raise ValueError(f"Empty layer pattern: give one symbol per block from {allowed}.")
+  for i, symbol in enumerate(pattern):
+    if symbol not in MIXERS:
+      raise ValueError(f"Unknown symbol {symbol!r} at position {i} of layer pattern "
+                       f"{pattern!r}; allowed symbols: {allowed}.")
+  return tuple(pattern)

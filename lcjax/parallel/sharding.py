@@ -1,0 +1,93 @@
+"""Logical axis names -> mesh axes.
+
+Every parameter carries `logical_axes` metadata (one name per dimension, set where it is
+created in `lcjax.models`); activations and batches use the names below too. A rule list maps
+each logical name to a mesh axis (or a tuple of them, or None for replicated), as in t5x and
+MaxText. Changing the parallelism strategy means changing the rules, never the model.
+"""
+
+import gin
+import jax
+import numpy as np
+from flax import linen as nn
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("seq", "sequence"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+)
+
+BATCH_AXES = ("batch", "seq")
+
+
+@gin.configurable
+def logical_rules(rules=DEFAULT_RULES) -> tuple:
+  """The active rules (gin: `logical_rules.rules = ((name, mesh_axes), ...)`)."""
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
+def spec(logical_axes, rules) -> PartitionSpec:
+  return nn.logical_to_mesh_axes(logical_axes, rules)
+
+
+def _axis_size(mesh: Mesh, axes) -> int:
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else axes
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules):
+  """NamedShardings (as a pure dict matching `nnx.to_pure_dict`) for every parameter.
+
+  Fails if a dimension does not divide its mesh axes, naming the parameter and the fix.
+  """
+
+  def one(path, var):
+    axes = var.get_metadata().get("logical_axes")
+    if axes is None or len(axes) != len(var.value.shape):
+      raise ValueError(
+          f"Parameter {jax.tree_util.keystr(path)} has logical_axes={axes} for shape "
+          f"{var.value.shape}: every nnx.Param needs one logical axis name per dimension.")
+    pspec = spec(axes, rules)
+    for dim, (size, mesh_axes) in enumerate(zip(var.value.shape, pspec)):
+      n = _axis_size(mesh, mesh_axes)
+      if size % n:
+        raise ValueError(
+            f"Parameter {jax.tree_util.keystr(path)} (shape {var.value.shape}, logical axes "
+            f"{axes}) cannot be sharded: dimension {dim} ('{axes[dim]}', size {size}) is not "
+            f"divisible by mesh axes {mesh_axes} of size {n}. Change the mesh, the model size, "
+            f"or map '{axes[dim]}' to another axis in logical_rules.rules.")
+    return NamedSharding(mesh, pspec)
+
+  shardings = jax.tree_util.tree_map_with_path(
+      one, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.to_pure_dict(shardings)
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+  """Sharding of `[batch, seq]` arrays."""
+  return NamedSharding(mesh, spec(BATCH_AXES, rules))
+
+
+def check_batch(global_batch_size: int, seq_len: int, mesh: Mesh, rules) -> None:
+  """Fails fast when the batch or the sequence cannot be split over the mesh."""
+  b_axes, s_axes = spec(BATCH_AXES, rules)
+  nb, ns = _axis_size(mesh, b_axes), _axis_size(mesh, s_axes)
+  if global_batch_size % nb:
+    raise ValueError(
+        f"Global batch size {global_batch_size} is not divisible by the {nb} devices of the "
+        f"batch mesh axes {b_axes} (mesh {dict(mesh.shape)}). Use a batch size that is a "
+        f"multiple of {nb}, or shrink those mesh axes.")
+  if seq_len % ns:
+    raise ValueError(
+        f"Sequence length {seq_len} is not divisible by the {ns} devices of the sequence mesh "
+        f"axes {s_axes}. Use a multiple of {ns}.")

@@ -1,0 +1,52 @@
+"""lcjax-train / python -m lcjax.train --gin_file=F [--gin_file=F2] [--gin_bindings=...] --workdir=DIR"""
+
+import json
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", [], "gin files, applied in order (later ones win).")
+flags.DEFINE_multi_string("gin_bindings", [], "gin bindings, applied after the files.")
+flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, TensorBoard.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+  del argv
+  from lcjax.config import parse_gin
+  from lcjax.train.distributed import maybe_initialize
+  from lcjax.train.loop import NonFiniteLossError, train
+
+  parse_gin(FLAGS.gin_file, FLAGS.gin_bindings)
+  maybe_initialize()
+  try:
+    summary = train(FLAGS.workdir)
+  except NonFiniteLossError as e:
+    print(f"\nStopped: {e}", file=sys.stderr)
+    sys.exit(3)
+  print_summary(summary)
+
+
+def print_summary(summary: dict) -> None:
+  print("\n== lcjax train summary ==")
+  if summary["preempted"]:
+    print(f"preempted at step {summary['step']}; run the same command again to resume")
+  if summary["train"]:
+    t = summary["train"]
+    print(f"step {t['step']}: loss {t['loss']:.4f}  grad_norm {t['grad_norm']:.3f}  "
+          f"tokens/s {t['tokens_per_sec']:.0f}")
+  else:
+    print(f"nothing to do: already at step {summary['step']}")
+  if summary["eval"]:
+    print("eval: " + json.dumps({k: round(v, 4) for k, v in summary["eval"].items()}, indent=1))
+  for key in ("checkpoints", "tensorboard", "metrics"):
+    print(f"{key:12s} {summary[key]}")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,92 @@
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lcjax.kernels.attention import attention, reference_attention
+
+
+def random_qkv(rng, batch=2, seq=12, heads=4, kv_heads=2, head_dim=8):
+  q = rng.standard_normal((batch, seq, heads, head_dim)).astype(np.float32)
+  k = rng.standard_normal((batch, seq, kv_heads, head_dim)).astype(np.float32)
+  v = rng.standard_normal((batch, seq, kv_heads, head_dim)).astype(np.float32)
+  return q, k, v
+
+
+def random_segments(rng, batch, seq):
+  """Rows of 1-3 documents (ids 1, 2, ...) and then, sometimes, padding (id 0)."""
+  rows = []
+  for _ in range(batch):
+    cuts = np.sort(rng.choice(np.arange(1, seq), size=rng.integers(1, 4), replace=False))
+    row = np.searchsorted(cuts, np.arange(seq), side="right") + 1
+    if rng.random() < 0.5:
+      row[cuts[-1]:] = 0
+    rows.append(row)
+  return np.stack(rows).astype(np.int32)
+
+
+def naive_attention(q, k, v, segment_ids):
+  """One query at a time, in float64, straight from the definition."""
+  batch, seq, heads, head_dim = q.shape
+  group = heads // k.shape[2]
+  out = np.zeros(q.shape, np.float64)
+  for b in range(batch):
+    for h in range(heads):
+      for i in range(seq):
+        seen = [j for j in range(i + 1) if segment_ids[b, j] == segment_ids[b, i]]
+        s = np.array([q[b, i, h] @ k[b, j, h // group] for j in seen], np.float64)
+        p = np.exp(s / np.sqrt(head_dim) - (s / np.sqrt(head_dim)).max())
+        out[b, i, h] = (p / p.sum()) @ v[b, seen, h // group].astype(np.float64)
+  return out
+
+
+def test_matches_naive(rng):
+  q, k, v = random_qkv(rng)
+  seg = random_segments(rng, 2, 12)
+  out = reference_attention(q, k, v, seg)
+  np.testing.assert_allclose(out, naive_attention(q, k, v, seg), atol=1e-5, rtol=1e-5,
+                             err_msg=f"segment_ids={seg}")
+
+
+def test_gqa_equals_mha_with_repeated_kv(rng):
+  q, k, v = random_qkv(rng, heads=6, kv_heads=2)
+  seg = random_segments(rng, 2, 12)
+  mha = reference_attention(q, np.repeat(k, 3, axis=2), np.repeat(v, 3, axis=2), seg)
+  np.testing.assert_allclose(reference_attention(q, k, v, seg), mha, atol=1e-6)
+
+
+def test_causal(rng):
+  q, k, v = random_qkv(rng)
+  seg = np.ones((2, 12), np.int32)
+  t = int(rng.integers(1, 12))
+  q2, k2, v2 = (x.copy() for x in (q, k, v))
+  for x in (q2, k2, v2):
+    x[:, t:] = rng.standard_normal(x[:, t:].shape)
+  before = reference_attention(q, k, v, seg)
+  after = reference_attention(q2, k2, v2, seg)
+  np.testing.assert_array_equal(before[:, :t], after[:, :t], err_msg=f"t={t}")
+  assert not np.allclose(before[:, t:], after[:, t:])
+
+
+@pytest.mark.parametrize("perturbed", [1, 2])
+def test_documents_do_not_see_each_other(rng, perturbed):
+  q, k, v = random_qkv(rng, batch=1)
+  seg = np.array([[1] * 5 + [2] * 4 + [0] * 3], np.int32)
+  where = seg[0] == perturbed
+  q2, k2, v2 = (x.copy() for x in (q, k, v))
+  for x in (q2, k2, v2):
+    x[:, where] = rng.standard_normal(x[:, where].shape)
+  before = reference_attention(q, k, v, seg)
+  after = reference_attention(q2, k2, v2, seg)
+  np.testing.assert_array_equal(before[:, ~where], after[:, ~where])
+
+
+def test_dtypes():
+  q = jnp.ones((1, 4, 2, 8), jnp.bfloat16)
+  kv = jnp.ones((1, 4, 1, 8), jnp.bfloat16)
+  assert attention(q, kv, kv, jnp.ones((1, 4), jnp.int32)).dtype == jnp.bfloat16
+
+
+def test_unknown_impl():
+  q = jnp.ones((1, 4, 2, 8))
+  with pytest.raises(ValueError, match="reference"):
+    attention(q, q, q, jnp.ones((1, 4), jnp.int32), impl="flash")

@@ -1,0 +1,138 @@
+import dataclasses
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from lcjax.models.config import ModelConfig, num_params
+from lcjax.models.lm import LM
+
+# Smaller than the default so the whole file compiles in a few seconds.
+SMALL = ModelConfig(vocab_size=64, d_model=32, pattern="*-*-", num_heads=4, num_kv_heads=2,
+                    head_dim=8, mlp_dim=64)
+
+
+def make(cfg=SMALL, seed=0):
+  return LM(cfg, rngs=nnx.Rngs(seed))
+
+
+def params(model):
+  return jax.tree.leaves(nnx.state(model, nnx.Param))
+
+
+@nnx.jit
+def forward(model, inputs, segment_ids, positions):
+  return model(inputs, segment_ids, positions)
+
+
+def loss_fn(model, inputs, segment_ids, positions):
+  logits = model(inputs, segment_ids, positions)
+  targets = jnp.roll(inputs, -1, axis=1)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+loss_and_grads = nnx.jit(nnx.value_and_grad(loss_fn))
+
+
+def batch(rng, batch=2, seq=16, vocab=SMALL.vocab_size):
+  inputs = jnp.asarray(rng.integers(0, vocab, (batch, seq)), jnp.int32)
+  return inputs, jnp.ones_like(inputs), jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32),
+                                                         inputs.shape)
+
+
+def test_logits_float32_with_bfloat16_compute(rng):
+  model = make(dataclasses.replace(SMALL, dtype="bfloat16"))
+  logits = forward(model, *batch(rng))
+  assert logits.dtype == jnp.float32 and logits.shape == (2, 16, SMALL.vocab_size)
+  assert all(p.dtype == jnp.float32 for p in params(model))
+  assert np.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("position_encoding", ["rope", "none"])
+def test_packed_row_equals_documents_run_alone(rng, position_encoding):
+  model = make(dataclasses.replace(SMALL, position_encoding=position_encoding))
+  lengths = (5, 7)
+  docs = [jnp.asarray(rng.integers(0, SMALL.vocab_size, (1, n)), jnp.int32) for n in lengths]
+  pad = 4
+  inputs = jnp.concatenate(docs + [jnp.zeros((1, pad), jnp.int32)], axis=1)
+  segment_ids = jnp.asarray([[1] * 5 + [2] * 7 + [0] * pad], jnp.int32)
+  positions = jnp.asarray([list(range(5)) + list(range(7)) + [0] * pad], jnp.int32)
+  packed = forward(model, inputs, segment_ids, positions)
+
+  start = 0
+  for doc, n in zip(docs, lengths):
+    alone = forward(model, doc, jnp.ones_like(doc), jnp.arange(n, dtype=jnp.int32)[None])
+    np.testing.assert_allclose(packed[:, start:start + n], alone, atol=1e-5, rtol=1e-5)
+    start += n
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
+def test_remat_same_loss_and_grads(rng, remat):
+  data = batch(rng)
+  loss, grads = loss_and_grads(make(), *data)
+  loss_r, grads_r = loss_and_grads(make(dataclasses.replace(SMALL, remat=remat)), *data)
+  np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               grads_r, grads)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_num_params(tie):
+  for cfg in (ModelConfig(tie_embeddings=tie), dataclasses.replace(SMALL, tie_embeddings=tie)):
+    model = LM(cfg, rngs=nnx.Rngs(0))
+    assert sum(p.size for p in params(model)) == num_params(cfg)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_gradient_reaches_every_parameter(rng, tie):
+  model = make(dataclasses.replace(SMALL, tie_embeddings=tie))
+  _, grads = loss_and_grads(model, *batch(rng))
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    assert float(jnp.abs(g).max()) > 0, jax.tree_util.keystr(path)
+
+
+def test_every_param_has_logical_axes():
+  state = nnx.state(LM(dataclasses.replace(SMALL, tie_embeddings=False), rngs=nnx.Rngs(0)),
+                    nnx.Param)
+  for path, var in jax.tree_util.tree_leaves_with_path(
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    axes = var.get_metadata().get("logical_axes")
+    assert axes is not None and len(axes) == var[...].ndim, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(num_heads=4, num_kv_heads=3), "num_kv_heads"),
+    (dict(head_dim=33), "head_dim"),
+    (dict(remat="save_only_these_names"), "dots_saveable"),
+    (dict(dtype="float8"), "dtype"),
+    (dict(position_encoding="alibi"), "position_encoding"),
+    (dict(pattern="*-?"), "position 2"),
+])
+def test_config_validation(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    ModelConfig(**overrides)
+
+
+def test_config_odd_head_dim_without_rope_is_fine():
+  ModelConfig(head_dim=33, position_encoding="none")
+
+
+def test_config_is_gin_configurable():
+  # A scoped binding, so the global gin config other tests may use is left alone.
+  with gin.unlock_config():
+    gin.parse_config("test_lm_scope/ModelConfig.d_model = 64")
+  with gin.config_scope("test_lm_scope"):
+    assert ModelConfig().d_model == 64
+  assert ModelConfig().d_model == 128
+
+
+@pytest.mark.parametrize("remat, wrapped", [("none", 0), ("full", 4), ("dots_saveable", 4)])
+def test_remat_wraps_each_block(remat, wrapped):
+  graphdef, state = nnx.split(make(dataclasses.replace(SMALL, remat=remat)))
+  ids = jnp.zeros((1, 8), jnp.int32)
+  fwd = lambda state: nnx.merge(graphdef, state)(ids, jnp.ones_like(ids), ids)
+  assert str(jax.make_jaxpr(fwd)(state)).count("remat") == wrapped

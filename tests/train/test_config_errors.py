@@ -1,0 +1,59 @@
+"""Bad configuration fails before anything compiles, with a message naming the cause and fix."""
+
+import gin
+import pytest
+
+from lcjax.config import parse_gin
+from lcjax.parallel.mesh import MeshConfig, make_mesh
+from lcjax.train.loop import Run, TrainConfig, build
+from tests.train.runs import DEMO_GIN, TINY
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+def test_misspelt_configurable_names_the_binding():
+  with pytest.raises(ValueError, match="ModelConfg"):
+    parse_gin([DEMO_GIN], ["ModelConfg.d_model = 64"])
+
+
+def test_unknown_parameter_names_the_binding():
+  with pytest.raises(ValueError, match="d_modle"):
+    parse_gin([DEMO_GIN], ["ModelConfig.d_modle = 64"])
+
+
+def test_wrong_type_names_the_binding():
+  parse_gin([DEMO_GIN], ["TrainConfig.steps = 'many'"])
+  with pytest.raises(TypeError, match=r"TrainConfig\.steps"):
+    TrainConfig()
+
+
+def test_impossible_mesh():
+  with pytest.raises(ValueError, match="multiply to 3 devices but 8"):
+    make_mesh(MeshConfig(data=3))
+  with pytest.raises(ValueError, match="does not divide"):
+    make_mesh(MeshConfig(data=-1, fsdp=3))
+  with pytest.raises(ValueError, match="only one axis may be -1"):
+    make_mesh(MeshConfig(data=-1, fsdp=-1))
+
+
+def test_batch_that_does_not_divide_the_mesh():
+  parse_gin([DEMO_GIN], TINY + ["TrainConfig.batch_size = 12"])
+  with pytest.raises(ValueError, match="batch size 12 is not divisible by the 8 devices"):
+    build(Run.from_gin())
+
+
+def test_parameter_that_does_not_divide_its_mesh_axis():
+  parse_gin([DEMO_GIN], TINY + ["MeshConfig.data = 1", "MeshConfig.tensor = 8"])
+  with pytest.raises(ValueError, match="not divisible by mesh axes"):
+    build(Run.from_gin())
+
+
+def test_model_vocabulary_smaller_than_data_vocabulary():
+  parse_gin([DEMO_GIN], TINY + ["ModelConfig.vocab_size = 128"])
+  with pytest.raises(ValueError, match="vocab_size=128 is smaller"):
+    build(Run.from_gin())
