@@ -6,7 +6,7 @@ Restores the newest (or the named) checkpoint of DIR and writes DIR/eval/results
 import json
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "gin files, applied in order (later ones win).")
@@ -50,6 +50,7 @@ def main(argv):
   from lcjax.config import parse_gin
   from lcjax.train.distributed import maybe_initialize
 
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   parse_gin(FLAGS.gin_file, FLAGS.gin_bindings)
   maybe_initialize()
   results = evaluate_checkpoint(FLAGS.workdir, FLAGS.step)

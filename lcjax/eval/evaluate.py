@@ -38,12 +38,14 @@ def evaluate(eval_step, params, batches_by_task: dict, put_batch) -> dict[str, f
   for task, batches in batches_by_task.items():
     loss_sum = weight_sum = correct_sum = 0.0
     hits = docs = 0
+    answers_only = False  # exact match means something only for prompt -> answer tasks
     for batch in batches:
       losses, correct = jax.device_get(eval_step(params, put_batch(batch)))
       w = batch["loss_weights"].astype(np.float64)
       loss_sum += float((losses * w).sum())
       correct_sum += float((correct * w).sum())
       weight_sum += float(w.sum())
+      answers_only |= bool(((batch["segment_ids"] > 0) & (w == 0)).any())
       h, d = exact_matches(np.asarray(correct), batch)
       hits, docs = hits + h, docs + d
     if weight_sum == 0:
@@ -52,5 +54,6 @@ def evaluate(eval_step, params, batches_by_task: dict, put_batch) -> dict[str, f
     results[f"eval/{task}/loss"] = loss
     results[f"eval/{task}/ppl"] = math.exp(min(loss, 50.0))
     results[f"eval/{task}/token_accuracy"] = correct_sum / weight_sum
-    results[f"eval/{task}/exact_match"] = hits / max(docs, 1)
+    if answers_only:
+      results[f"eval/{task}/exact_match"] = hits / max(docs, 1)
   return results

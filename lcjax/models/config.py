@@ -8,6 +8,8 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from lcjax.config import check_types
+
 DTYPES = ("float32", "bfloat16", "float16")
 POSITION_ENCODINGS = ("rope", "none")
 
@@ -56,7 +58,11 @@ class ModelConfig:
   def __post_init__(self):
     # Imported here: pattern.py imports the layer modules, which import this one.
     from lcjax.models.pattern import parse_pattern
+    check_types(self)
     parse_pattern(self.pattern)
+    for name in ("vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}.")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}: "

@@ -3,7 +3,7 @@
 import json
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "gin files, applied in order (later ones win).")
@@ -18,6 +18,7 @@ def main(argv):
   from lcjax.train.distributed import maybe_initialize
   from lcjax.train.loop import NonFiniteLossError, train
 
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   parse_gin(FLAGS.gin_file, FLAGS.gin_bindings)
   maybe_initialize()
   try:

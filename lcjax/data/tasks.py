@@ -1,0 +1,202 @@
+"""seqio Task and Mixture registration for lcjax.
+
+Tasks (all decoder-only, features described in preprocessors.py):
+  lcjax_shakespeare  plays cut into sequence_length-token windows, loss everywhere
+  lcjax_passkey      passkey retrieval, loss on the answer (passkey.py)
+  lcjax_mqar         multi-query associative recall, loss on values (mqar.py)
+Mixture:
+  lcjax_demo         all three, rates from MixtureRates
+
+Sources are index streams gathered from constant tensors: shuffling is a
+stateless permutation of indices per epoch (so seqio adds no shuffle buffer),
+and a tf.data iterator checkpoint holds a counter, not buffered examples.
+"""
+import dataclasses
+import functools
+
+import gin
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from lcjax.data import mqar, passkey, preprocessors, shakespeare, vocab
+
+SHAKESPEARE, PASSKEY, MQAR, DEMO = "lcjax_shakespeare", "lcjax_passkey", "lcjax_mqar", "lcjax_demo"
+TASKS = (SHAKESPEARE, PASSKEY, MQAR)
+SPLITS = ("train", "validation")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MixtureRates:
+  shakespeare: float = 0.5
+  passkey: float = 0.3
+  mqar: float = 0.2
+
+
+class _SelfShuffledSource(seqio.FunctionDataSource):
+  """A FunctionDataSource whose dataset_fn shuffles, so seqio adds no buffer."""
+
+  @property
+  def performs_internal_shuffling(self) -> bool:
+    return True
+
+
+def index_stream(n: int, shuffle: bool, seed) -> tf.data.Dataset:
+  """Indices into n examples: range(n) once, or a fresh permutation per epoch forever.
+
+  The permutation depends only on (seed, epoch), so every host computes the
+  same one and seqio's per-host `shard` of it is disjoint.
+  """
+  if not shuffle:
+    return tf.data.Dataset.range(n)
+  seed = 0 if seed is None else seed
+
+  def permuted(i):
+    epoch = i // n
+    return tf.random.experimental.index_shuffle(
+        i % n, seed=tf.stack([tf.constant(seed, tf.int64), epoch]), max_index=n - 1
+    )
+
+  return tf.data.Dataset.counter().map(permuted)
+
+
+def gather_source(columns_fn) -> seqio.DataSource:
+  """Source yielding {"segments", "loss"} rows of columns_fn(split) by index."""
+
+  def dataset_fn(split, shuffle_files, seed=None):
+    segments, loss = columns_fn(split)
+    segments = tf.constant(segments.tolist(), tf.string)
+    loss = tf.constant(loss, tf.int32)
+    return index_stream(len(loss), shuffle_files, seed).map(
+        lambda i: {"segments": tf.gather(segments, i), "loss": tf.gather(loss, i)}
+    )
+
+  return _SelfShuffledSource(dataset_fn, splits=SPLITS)
+
+
+@functools.cache
+def shakespeare_windows(vocabulary_name: str, sequence_length: int, split: str):
+  """A split's plays tokenized up front, as windows into one token array.
+
+  Returns (tokens [N] int32: every play + EOS back to back,
+           bounds [W, 2] int64: [start, end) of each window). Windows never
+  cross plays; each holds sequence_length tokens except a play's last one.
+  """
+  vocab_ = vocab.from_name(vocabulary_name)
+  pieces, bounds, offset = [], [], 0
+  for text in shakespeare.split_texts(split):
+    ids = np.array(vocab_.encode(text) + [vocab_.eos_id], np.int32)
+    starts = np.arange(0, len(ids), sequence_length)
+    ends = np.minimum(starts + sequence_length, len(ids))
+    bounds.append(np.stack([starts, ends], 1) + offset)
+    pieces.append(ids)
+    offset += len(ids)
+  return np.concatenate(pieces), np.concatenate(bounds).astype(np.int64)
+
+
+def shakespeare_source(cfg) -> seqio.DataSource:
+  """Source of already-tokenized windows {"targets", "loss_mask"}, loss everywhere.
+
+  Windowing needs token counts, so the plays are tokenized here (with the
+  task's seqio vocabulary) rather than in a preprocessor; this also lets us
+  shuffle windows globally by index instead of through a shuffle buffer.
+  """
+
+  def dataset_fn(split, shuffle_files, seed=None):
+    tokens, bounds = shakespeare_windows(cfg.vocabulary, cfg.sequence_length, split)
+    tokens, bounds = tf.constant(tokens), tf.constant(bounds)
+
+    def window(i):
+      ids = tokens[bounds[i, 0] : bounds[i, 1]]
+      return {"targets": ids, "loss_mask": tf.ones_like(ids)}
+
+    return index_stream(len(bounds), shuffle_files, seed).map(window)
+
+  return _SelfShuffledSource(dataset_fn, splits=SPLITS)
+
+
+@functools.cache
+def passkey_columns(config: passkey.PasskeyConfig, sequence_length: int, split: str):
+  return passkey.generate(config, split, sequence_length)
+
+
+@functools.cache
+def mqar_columns(config: mqar.MqarConfig, split: str):
+  return mqar.generate(config, split)
+
+
+def output_features(cfg) -> dict[str, seqio.Feature]:
+  return {
+      # EOS is appended by us (at a document's end, not a window's end).
+      "targets": seqio.Feature(vocab.vocabulary(cfg), add_eos=False),
+      "loss_mask": seqio.Feature(seqio.PassThroughVocabulary(size=2), add_eos=False),
+  }
+
+
+def check_passkey_fits(cfg, passkey_cfg) -> None:
+  """Config errors visible before generating (exact for byte tokens)."""
+  passkey.resolve_prompt_bytes(passkey_cfg, cfg.sequence_length)
+  if cfg.vocabulary == "byte" and passkey_cfg.prompt_bytes is not None and (
+      passkey_cfg.prompt_bytes + passkey_cfg.digits + 1 > cfg.sequence_length
+  ):
+    raise ValueError(
+        f"PasskeyConfig.prompt_bytes={passkey_cfg.prompt_bytes} plus answer "
+        f"and EOS exceeds DataConfig.sequence_length={cfg.sequence_length}. "
+        "Fix: lower prompt_bytes or leave it None to fit automatically."
+    )
+
+
+def check_mqar_fits(cfg, mqar_cfg) -> None:
+  need = mqar.example_bytes(mqar_cfg) + 1
+  if cfg.vocabulary == "byte" and need > cfg.sequence_length:
+    raise ValueError(
+        f"An MQAR example takes {need} byte tokens, more than "
+        f"DataConfig.sequence_length={cfg.sequence_length}. Fix: raise "
+        "sequence_length or lower MqarConfig.num_pairs / num_queries."
+    )
+
+
+def register_tasks(cfg) -> None:
+  """(Re)registers all lcjax tasks and the mixture for DataConfig `cfg`.
+
+  Idempotent: replaces earlier registrations, so the current gin bindings
+  (PasskeyConfig, MqarConfig, MixtureRates) and `cfg` take effect.
+  """
+  passkey_cfg, mqar_cfg, rates = passkey.PasskeyConfig(), mqar.MqarConfig(), MixtureRates()
+
+  # Checked when a task's data is first built, so a config that never uses
+  # a task is not rejected because of it.
+  def passkey_split(split):
+    check_passkey_fits(cfg, passkey_cfg)
+    return passkey_columns(passkey_cfg, cfg.sequence_length, split)
+
+  def mqar_split(split):
+    check_mqar_fits(cfg, mqar_cfg)
+    return mqar_columns(mqar_cfg, split)
+
+  def tokenize(eos_loss):
+    return [
+        functools.partial(preprocessors.tokenize_segments, eos_loss=eos_loss),
+        preprocessors.check_fits,
+    ]
+
+  sources_and_steps = {
+      SHAKESPEARE: (shakespeare_source(cfg), []),  # the source tokenizes
+      PASSKEY: (gather_source(passkey_split), tokenize(eos_loss=True)),
+      MQAR: (gather_source(mqar_split), tokenize(eos_loss=False)),
+  }
+  features = output_features(cfg)
+  for name in (*TASKS, DEMO):
+    seqio.MixtureRegistry.remove(name)
+    seqio.TaskRegistry.remove(name)
+  for name, (source, steps) in sources_and_steps.items():
+    # Sources shuffle by index (no shuffle buffer needed, see index_stream).
+    seqio.TaskRegistry.add(
+        name, source=source, preprocessors=steps, output_features=features,
+        shuffle_buffer_size=None,
+    )
+  seqio.MixtureRegistry.add(
+      DEMO,
+      [(SHAKESPEARE, rates.shakespeare), (PASSKEY, rates.passkey), (MQAR, rates.mqar)],
+  )

@@ -1,0 +1,94 @@
+import re
+
+import numpy as np
+import pytest
+
+import lcjax.data as data
+from lcjax.data import mqar, passkey
+from tests.data.helpers import documents
+
+BYTE = data.vocabulary(data.DataConfig())
+
+
+def _split(targets, weights):
+  """Decoded prompt (tokens without loss) and the list of loss-bearing spans."""
+  prompt = BYTE.decode([int(t) for t, w in zip(targets, weights) if w == 0 and t != BYTE.eos_id])
+  spans, current = [], []
+  for t, w in zip(targets.tolist(), weights.tolist()):
+    if w:
+      current.append(t)
+    elif current:
+      spans.append(current)
+      current = []
+  if current:
+    spans.append(current)
+  return prompt, spans
+
+
+def test_passkey_answer_recoverable_for_every_validation_example():
+  cfg = data.DataConfig(sequence_length=512)
+  batches = data.make_eval_batches(cfg, "lcjax_passkey", batch_size=32, num_batches=100)
+  docs = list(documents(batches))
+  assert len(docs) == passkey.PasskeyConfig().num_validation
+  for targets, weights in docs:
+    prompt, spans = _split(targets, weights)
+    assert len(targets) <= 512 and prompt.endswith(passkey.QUESTION)
+    (key,) = re.findall(passkey.PROMPT_RE, prompt)
+    (answer,) = spans
+    assert answer[-1] == BYTE.eos_id  # the EOS after the digits carries loss
+    assert BYTE.decode(answer[:-1]) == key and len(key) == 5
+
+
+def test_mqar_answers_recoverable_for_every_validation_example():
+  cfg = data.DataConfig(sequence_length=512)
+  batches = data.make_eval_batches(cfg, "lcjax_mqar", batch_size=32, num_batches=100)
+  docs = list(documents(batches))
+  mcfg = mqar.MqarConfig()
+  assert len(docs) == mcfg.num_validation
+  for targets, weights in docs:
+    prompt, spans = _split(targets, weights)
+    context, queries = prompt.split(mqar.SEPARATOR)
+    pairs = dict(re.findall(mqar.PAIR_RE, context))
+    assert len(pairs) == mcfg.num_pairs  # keys are unique
+    query_keys = re.findall(r"([a-z]{3}):", queries)
+    assert len(query_keys) == len(spans) == mcfg.num_queries
+    assert [BYTE.decode(s) for s in spans] == [pairs[k] for k in query_keys]
+    assert weights[-1] == 0  # no loss on EOS
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.75, 1.0])
+def test_passkey_depth_is_honoured(depth):
+  cfg = passkey.PasskeyConfig(depth=depth, prompt_bytes=2000, num_validation=8)
+  segments, loss = passkey.generate(cfg, "validation", sequence_length=4096)
+  assert np.array_equal(loss, [[0, 1]] * 8)
+  for prompt, key in segments:
+    assert len(prompt) <= 2000
+    line = passkey.KEY_LINE.format(key=key)
+    filler = prompt.replace(line, "")[: -len(passkey.QUESTION)]
+    at = prompt.index(line)
+    # Within one filler sentence of the requested depth.
+    assert abs(at - depth * len(filler)) <= max(map(len, passkey.FILLER.split(". ")))
+
+
+def test_passkey_random_depth_and_gin(gin_bindings):
+  gin_bindings(**{"PasskeyConfig.num_validation": 64, "PasskeyConfig.depth": 0.0})
+  cfg = data.DataConfig(sequence_length=512)
+  batches = data.make_eval_batches(cfg, "lcjax_passkey", batch_size=8, num_batches=100)
+  docs = list(documents(batches))
+  assert len(docs) == 64
+  for targets, weights in docs:
+    prompt, _ = _split(targets, weights)
+    assert prompt.startswith("The pass key is ")
+  # Default depth is random: positions spread over the prompt.
+  unbound = passkey.PasskeyConfig(depth=None, num_validation=256)
+  segments, _ = passkey.generate(unbound, "validation", 512)
+  where = [p.index("The pass key is") / len(p) for p, _ in segments]
+  assert min(where) < 0.1 and max(where) > 0.7
+
+
+def test_synthetic_generation_is_deterministic():
+  a = mqar.generate(mqar.MqarConfig(num_train=50), "train")
+  b = mqar.generate(mqar.MqarConfig(num_train=50), "train")
+  assert np.array_equal(a[0], b[0])
+  v = mqar.generate(mqar.MqarConfig(num_validation=50), "validation")
+  assert not np.array_equal(a[0], v[0])
