@@ -111,17 +111,16 @@ def build(run: Run):
               batch_sharding=batch_sharding, put_batch=put_batch, eval_step=eval_step)
 
 
-def load_eval_batches(run: Run, process_share: bool = True) -> dict:
-  """Each eval task's validation batches (this process's rows of each global batch)."""
-  batches = {}
+def load_eval_batches(run: Run) -> dict:
+  """Each eval task's validation batches: this process's rows of each global batch."""
   n, i = jax.process_count(), jax.process_index()
   rows = run.train.batch_size // run.train.grad_accum_steps
-  for task in run.data.eval_tasks:
-    full = make_eval_batches(run.data, task, rows, run.train.eval_batches)
-    per = rows // n
-    batches[task] = [{k: v[i * per:(i + 1) * per] for k, v in b.items()} for b in full
-                     if b["targets"].shape[0] == rows]
-  return batches
+  per = rows // n
+  return {
+      task: [{k: v[i * per:(i + 1) * per] for k, v in batch.items()}
+             for batch in make_eval_batches(run.data, task, rows, run.train.eval_batches)]
+      for task in run.data.eval_tasks
+  }
 
 
 def _install_sigterm():
