@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from lcjax.config import check_types
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 POSITION_ENCODINGS = ("rope", "none")
 
 
@@ -37,7 +37,8 @@ class ModelConfig:
     `lcjax.models.pattern.MIXERS`).
   position_encoding: "rope", or "none" for attention without positions (the causal mask and
     the Mamba layers carry order, as in NVIDIA's Mamba-2-Hybrid).
-  dtype: the compute dtype; parameters are always stored in float32.
+  dtype: the compute dtype; parameters are always stored in float32. "auto" is bfloat16 on
+    GPU and TPU and float32 on CPU (where bfloat16 matmuls are emulated and slow).
   remat: "none", "full" (save nothing), or a policy name in `jax.checkpoint_policies`.
   """
   vocab_size: int = 384
@@ -51,7 +52,7 @@ class ModelConfig:
   rope_theta: float = 10000.0
   tie_embeddings: bool = True
   norm_eps: float = 1e-6
-  dtype: str = "float32"
+  dtype: str = "auto"
   remat: str = "none"
   init_std: float = 0.02
 
@@ -86,6 +87,8 @@ class ModelConfig:
 
   @property
   def compute_dtype(self) -> jnp.dtype:
+    if self.dtype == "auto":
+      return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32)
     return jnp.dtype(self.dtype)
 
   @property
