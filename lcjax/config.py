@@ -21,6 +21,10 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
 
   `include` lines resolve against each file's directory and the repository's configs/.
   """
+  # gin knows a configurable only once its module is imported; these import all of lcjax's.
+  import lcjax.train.distributed  # noqa: F401
+  import lcjax.train.loop  # noqa: F401
+
   for path in [*(os.path.dirname(os.path.abspath(f)) for f in files), CONFIGS_DIR]:
     gin.add_config_file_search_path(path)
   # gin logs "Path not found" for every search path it tries before the one that matches.
