@@ -34,9 +34,11 @@ def print_summary(summary: dict) -> None:
   if summary["preempted"]:
     print(f"preempted at step {summary['step']}; run the same command again to resume")
   if summary["train"]:
+    from lcjax.train.metrics import read_metrics
     t = summary["train"]
-    print(f"step {t['step']}: loss {t['loss']:.4f}  grad_norm {t['grad_norm']:.3f}  "
-          f"tokens/s {t['tokens_per_sec']:.0f}")
+    first = next(r for r in read_metrics(summary["workdir"]) if r.get("loss") is not None)
+    print(f"step {t['step']}: loss {t['loss']:.4f} (step {first['step']}: {first['loss']:.4f})  "
+          f"grad_norm {t['grad_norm']:.3f}  tokens/s {t['tokens_per_sec']:.0f}")
   else:
     print(f"nothing to do: already at step {summary['step']}")
   if summary["eval"]:
