@@ -140,15 +140,14 @@ def train(workdir: str, run: Run | None = None) -> dict:
   cfg = run.train
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  if is_main:
-    with open(os.path.join(workdir, "config.gin"), "w") as f:
-      f.write(gin.operative_config_str())
-
   b = build(run)
   seq_len = run.data.sequence_length
   ckpt = Checkpointer(workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
   data = make_train_iterator(run.data, cfg.batch_size // jax.process_count(),
                              shard_index=jax.process_index(), num_shards=jax.process_count())
+  if is_main:  # after every configurable (data tasks included) has been read, before compiling
+    with open(os.path.join(workdir, "config.gin"), "w") as f:
+      f.write(gin.operative_config_str())
   abstract = train_state.abstract_state(b["abstract_params"], b["optimizer"])
   start = ckpt.latest_step()
   if start is None:

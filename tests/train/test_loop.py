@@ -25,7 +25,9 @@ def test_tiny_run_learns_and_writes_outputs(tmp_path):
   for key in ("loss", "grad_norm", "lr", "tokens_per_sec", "mfu", "step_time"):
     assert key in rows[0], key
   assert any("eval/lcjax_passkey/exact_match" in r for r in rows)
-  assert (tmp_path / "config.gin").read_text().count("ModelConfig.d_model = 32") == 1
+  operative = (tmp_path / "config.gin").read_text()
+  assert operative.count("ModelConfig.d_model = 32") == 1
+  assert "MqarConfig.num_pairs = 8" in operative  # data task configs are recorded too
   assert os.listdir(tmp_path / "tb")
   assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [10, 20]
   assert summary["step"] == 20 and summary["eval"]
