@@ -12,8 +12,6 @@ import time
 
 import gin
 import jax
-import jax.numpy as jnp
-import numpy as np
 import tqdm
 from jax.sharding import NamedSharding, PartitionSpec
 

@@ -1,7 +1,6 @@
 import numpy as np
 
 import lcjax.data as data
-from lcjax.data import mqar
 from tests.data.helpers import documents
 
 
