@@ -22,6 +22,7 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
   `include` lines resolve against each file's directory and the repository's configs/.
   """
   # gin knows a configurable only once its module is imported; these import all of lcjax's.
+  import lcjax.models.allocation  # noqa: F401
   import lcjax.train.distributed  # noqa: F401
   import lcjax.train.loop  # noqa: F401
 

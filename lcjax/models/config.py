@@ -40,6 +40,13 @@ class ModelConfig:
   dtype: the compute dtype; parameters are always stored in float32. "auto" is bfloat16 on
     GPU and TPU and float32 on CPU (where bfloat16 matmuls are emulated and slow).
   remat: "none", "full" (save nothing), or a policy name in `jax.checkpoint_policies`.
+
+  mamba_*: the Mamba-2 mixer ("M"), named and defaulted as mamba_ssm's `Mamba2`: d_inner =
+    mamba_expand * d_model channels in mamba_headdim-wide heads (mamba_nheads of them) sharing
+    mamba_ngroups groups of B/C of width mamba_d_state; a depthwise causal conv of width
+    mamba_d_conv; the SSD scan in chunks of mamba_chunk_size. dt is initialised log-uniform in
+    [mamba_dt_min, mamba_dt_max] (floored at mamba_dt_init_floor) and clamped to
+    mamba_dt_limit after the softplus; A = -a with a ~ U(mamba_A_init_range).
   """
   vocab_size: int = 384
   d_model: int = 128
@@ -55,6 +62,17 @@ class ModelConfig:
   dtype: str = "auto"
   remat: str = "none"
   init_std: float = 0.02
+  mamba_d_state: int = 128
+  mamba_d_conv: int = 4
+  mamba_expand: int = 2
+  mamba_headdim: int = 64
+  mamba_ngroups: int = 1
+  mamba_chunk_size: int = 256
+  mamba_dt_min: float = 0.001
+  mamba_dt_max: float = 0.1
+  mamba_dt_init_floor: float = 1e-4
+  mamba_dt_limit: tuple[float, float] = (0.0, float("inf"))
+  mamba_A_init_range: tuple[float, float] = (1.0, 16.0)
 
   def __post_init__(self):
     # Imported here: pattern.py imports the layer modules, which import this one.
@@ -79,11 +97,53 @@ class ModelConfig:
     remats = ("none", "full") + checkpoint_policy_names()
     if self.remat not in remats:
       raise ValueError(f"remat={self.remat!r} is not one of {remats}.")
+    self._check_mamba()
+
+  def _check_mamba(self):
+    for name in ("mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_headdim",
+                 "mamba_ngroups", "mamba_chunk_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}.")
+    if not 0 < self.mamba_dt_min <= self.mamba_dt_max:
+      raise ValueError(
+          f"Need 0 < mamba_dt_min <= mamba_dt_max, got mamba_dt_min={self.mamba_dt_min}, "
+          f"mamba_dt_max={self.mamba_dt_max}: fix ModelConfig.mamba_dt_min/mamba_dt_max.")
+    if self.mamba_dt_init_floor < 0:
+      raise ValueError(f"ModelConfig.mamba_dt_init_floor must be >= 0, got "
+                       f"{self.mamba_dt_init_floor}.")
+    lo, hi = self.mamba_dt_limit
+    if not 0 <= lo < hi:
+      raise ValueError(f"ModelConfig.mamba_dt_limit={self.mamba_dt_limit} must be (min, max) "
+                       f"with 0 <= min < max, e.g. (0.0, float('inf')) for no clamp.")
+    lo, hi = self.mamba_A_init_range
+    if not 0 < lo <= hi:
+      raise ValueError(f"ModelConfig.mamba_A_init_range={self.mamba_A_init_range} must be "
+                       f"(min, max) with 0 < min <= max (A = -U(min, max)), e.g. (1.0, 16.0).")
+    if "M" not in self.pattern:
+      return  # The divisibility constraints only bind models that have Mamba-2 layers.
+    if self.mamba_d_inner % self.mamba_headdim:
+      raise ValueError(
+          f"mamba_expand * d_model = {self.mamba_d_inner} must be a multiple of "
+          f"mamba_headdim={self.mamba_headdim}: change ModelConfig.mamba_headdim (or "
+          f"mamba_expand / d_model).")
+    if self.mamba_nheads % self.mamba_ngroups:
+      raise ValueError(
+          f"The {self.mamba_nheads} Mamba-2 heads (mamba_expand * d_model / mamba_headdim) "
+          f"must be a multiple of mamba_ngroups={self.mamba_ngroups}: change "
+          f"ModelConfig.mamba_ngroups to a divisor of {self.mamba_nheads}.")
 
   @property
   def num_layers(self) -> int:
     """Blocks in the model: one per pattern symbol, as Megatron counts hybrid layers."""
     return len(self.pattern)
+
+  @property
+  def mamba_d_inner(self) -> int:
+    return self.mamba_expand * self.d_model
+
+  @property
+  def mamba_nheads(self) -> int:
+    return self.mamba_d_inner // self.mamba_headdim
 
   @property
   def compute_dtype(self) -> jnp.dtype:
@@ -109,7 +169,16 @@ def num_params(cfg: ModelConfig) -> int:
   mixer = {
       "*": d * (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + cfg.num_heads * hd * d,  # q,k,v,o
       "-": 3 * d * cfg.mlp_dim,  # gate, up, down
+      "M": _mamba_params(cfg),
   }
   blocks = sum(d + mixer[s] for s in parse_pattern(cfg.pattern))  # + the pre-norm scale
   head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
   return cfg.vocab_size * d + blocks + d + head  # embedding, blocks, final norm, head
+
+
+def _mamba_params(cfg: ModelConfig) -> int:
+  d, inner, heads = cfg.d_model, cfg.mamba_d_inner, cfg.mamba_nheads
+  bc = 2 * cfg.mamba_ngroups * cfg.mamba_d_state  # B and C
+  in_proj = d * (2 * inner + bc + heads)  # z, x, B, C, dt
+  conv = (cfg.mamba_d_conv + 1) * (inner + bc)  # depthwise weights + biases over x, B, C
+  return in_proj + conv + 3 * heads + inner + inner * d  # A_log, dt_bias, D; norm; out_proj

@@ -24,8 +24,30 @@ def _mlp(cfg: ModelConfig, seq_len: int) -> float:
   return 2 * 3 * cfg.d_model * cfg.mlp_dim  # gate, up, down
 
 
+def _mamba2(cfg: ModelConfig, seq_len: int) -> float:
+  """Projections, the depthwise conv, and the chunked SSD (chunk length Q, causal within).
+
+  Per token and head (head_dim P, state N, G groups): intra-chunk C·Bᵀ scores (per group) and
+  their weighted sum of x, both over (Q+1)/2 earlier positions on average; the token's
+  contribution to its chunk's state (x ⊗ B) and the incoming state's output (C·h), P·N each.
+  Inter-chunk state passing is O(P·N) per chunk, negligible per token.
+  """
+  d = cfg.d_model
+  d_inner = cfg.mamba_expand * d
+  heads = d_inner // cfg.mamba_headdim
+  bc = cfg.mamba_ngroups * cfg.mamba_d_state
+  projections = 2 * d * (2 * d_inner + 2 * bc + heads) + 2 * d_inner * d  # in (z,x,B,C,dt), out
+  conv = 2 * (d_inner + 2 * bc) * cfg.mamba_d_conv
+  q = min(cfg.mamba_chunk_size, seq_len)
+  mean_keys = (q + 1) / 2
+  scores = 2 * cfg.mamba_ngroups * cfg.mamba_d_state * mean_keys
+  mix = 2 * d_inner * mean_keys
+  states = 2 * 2 * d_inner * cfg.mamba_d_state
+  return projections + conv + scores + mix + states
+
+
 # One entry per layer-pattern symbol; a new mixer adds its forward FLOPs per token here.
-FORWARD_FLOPS_PER_TOKEN = {"*": _attention, "-": _mlp}
+FORWARD_FLOPS_PER_TOKEN = {"*": _attention, "-": _mlp, "M": _mamba2}
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
