@@ -23,6 +23,12 @@ DEFAULT_RULES = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    # Mamba-2: heads and their channels split over tensor like attention heads; B and C are
+    # shared by the heads of a group and small, so they stay whole.
+    ("ssm_inner", "tensor"),
+    ("ssm_heads", "tensor"),
+    ("ssm_bc", None),
+    ("conv", None),
 )
 
 BATCH_AXES = ("batch", "seq")
