@@ -33,8 +33,8 @@ def checkpoint_policy_names() -> tuple[str, ...]:
 class ModelConfig:
   """Defaults are a tiny model that trains on CPU.
 
-  pattern: one symbol per block, Megatron's hybrid notation ("*" attention, "-" MLP; see
-    `lcjax.models.pattern.MIXERS`).
+  pattern: one symbol per block, Megatron's hybrid notation ("*" attention, "-" MLP,
+    "M" Mamba-2; see `lcjax.models.pattern.MIXERS`).
   position_encoding: "rope", or "none" for attention without positions (the causal mask and
     the Mamba layers carry order, as in NVIDIA's Mamba-2-Hybrid).
   dtype: the compute dtype; parameters are always stored in float32. "auto" is bfloat16 on

@@ -67,3 +67,17 @@ class MLP(nnx.Module):
     dt = x.dtype
     h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
     return h @ self.down[...].astype(dt)
+
+  # Decoding: stateless, so the cache is None (the interface of Attention and Mamba2).
+
+  def init_cache(self, batch: int, max_len: int | None = None) -> None:
+    del batch, max_len
+
+  def prefill(self, x: jax.Array, cache=None, *, positions=None) -> tuple[jax.Array, None]:
+    del cache, positions
+    return self(x), None
+
+  def step(self, x: jax.Array, cache=None) -> tuple[jax.Array, None]:
+    """`[batch, embed]` -> `[batch, embed]`."""
+    del cache
+    return self(x), None

@@ -19,6 +19,14 @@ class Block(nnx.Module):
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
     return x + self.mixer(self.norm(x), segment_ids=segment_ids, positions=positions)
 
+  def prefill(self, x: jax.Array, cache, *, positions: jax.Array):
+    y, cache = self.mixer.prefill(self.norm(x), cache, positions=positions)
+    return x + y, cache
+
+  def step(self, x: jax.Array, cache):
+    y, cache = self.mixer.step(self.norm(x), cache)
+    return x + y, cache
+
 
 def _remat_policy(name: str):
   """None for "full" (save nothing, recompute the whole block), else the named policy."""
@@ -52,8 +60,39 @@ class LM(nnx.Module):
     x = self.embed(inputs)
     for block in self.blocks:
       x = run_block(block, x, segment_ids, positions)
+    return self._logits(x)
+
+  def _logits(self, x: jax.Array) -> jax.Array:
     x = self.final_norm(x)
     if self.config.tie_embeddings:
       return self.embed.attend(x)
     return jnp.einsum("bsd,dv->bsv", x, self.lm_head[...].astype(x.dtype),
                       preferred_element_type=jnp.float32)
+
+  # --- decoding: one document per row, positions 0, 1, ... ---
+
+  def init_cache(self, batch: int, max_len: int) -> list:
+    """Per block: a KV cache (attention, max_len slots), SSM + conv states (Mamba-2) or None
+    (MLP). A pytree of arrays, so `decode_step` can be jitted with it."""
+    return [block.mixer.init_cache(batch, max_len) for block in self.blocks]
+
+  def prefill(self, tokens: jax.Array, cache: list) -> tuple[jax.Array, list]:
+    """tokens `[batch, k]` and an empty cache from `init_cache(batch, max_len)` (max_len >= k
+    plus the tokens to decode) -> (float32 logits `[batch, k, vocab]`, the filled cache)."""
+    batch, seq = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    x = self.embed(tokens)
+    new_cache = []
+    for block, c in zip(self.blocks, cache, strict=True):
+      x, c = block.prefill(x, c, positions=positions)
+      new_cache.append(c)
+    return self._logits(x), new_cache
+
+  def decode_step(self, token: jax.Array, cache: list) -> tuple[jax.Array, list]:
+    """token `[batch]` int -> (float32 logits `[batch, vocab]` for the next token, cache)."""
+    x = self.embed(token[:, None])[:, 0]
+    new_cache = []
+    for block, c in zip(self.blocks, cache, strict=True):
+      x, c = block.step(x, c)
+      new_cache.append(c)
+    return self._logits(x[:, None])[:, 0], new_cache

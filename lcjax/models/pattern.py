@@ -1,16 +1,19 @@
 """Layer patterns in Megatron's hybrid notation: one symbol per block.
 
-"*-*-" is attention, MLP, attention, MLP. Each symbol maps to a mixer factory
+"*-*-" is attention, MLP, attention, MLP; "M" is a Mamba-2 mixer. Each symbol maps to a mixer factory
 `factory(cfg, *, rngs)` whose module is called as `mixer(x, *, segment_ids, positions)`;
-a new mixer is one entry in `MIXERS`.
+a new mixer is one entry in `MIXERS`. For decoding, every mixer also has
+`init_cache(batch, max_len)`, `prefill(x, cache, *, positions)` and `step(x_t, cache)`.
 """
 
 from lcjax.models.attention import Attention
 from lcjax.models.layers import MLP
+from lcjax.models.mamba import Mamba2
 
 MIXERS = {
     "*": Attention,
     "-": MLP,
+    "M": Mamba2,
 }
 
 

@@ -2,11 +2,12 @@ import pytest
 
 from lcjax.models.attention import Attention
 from lcjax.models.layers import MLP
+from lcjax.models.mamba import Mamba2
 from lcjax.models.pattern import MIXERS, parse_pattern
 
 
 def test_symbols():
-  assert MIXERS == {"*": Attention, "-": MLP}
+  assert MIXERS == {"*": Attention, "-": MLP, "M": Mamba2}
 
 
 @pytest.mark.parametrize("pattern, expected", [
@@ -14,6 +15,7 @@ def test_symbols():
     ("-", ("-",)),
     ("*-*-", ("*", "-", "*", "-")),
     ("**--*", ("*", "*", "-", "-", "*")),
+    ("M*M-", ("M", "*", "M", "-")),
 ])
 def test_valid(pattern, expected):
   assert parse_pattern(pattern) == expected
