@@ -13,7 +13,10 @@ import pytest
 
 from lcjax.kernels.ssd import IMPLS, ssd, ssd_chunked, ssd_reference, ssd_step
 
-F32_TOL = 1e-5  # float32 chunked vs float32 scan, forward and gradients (seen: <= 2.2e-6)
+F32_TOL = 1e-5  # float32 chunked vs float32 scan, forward (seen: <= 6e-7)
+# Gradients sum over every position (dA most of all), so rounding accumulates further: seen up
+# to 3e-5 for dA over many seeds.
+F32_GRAD_TOL = 1e-4
 # bfloat16 x, dt, B, C (einsum operands in bf16, y rounded to bf16) vs the float32 scan on the
 # same rounded values, forward and gradients; about 5 bf16 ulps (seen: <= 7e-3 over many seeds).
 BF16_TOL = 2e-2
@@ -150,7 +153,7 @@ CASES = [
 def test_chunked_matches_reference(rng, seq, chunk, heads, groups, initial, segments):
   inputs, h0 = random_inputs(rng, seq=seq, heads=heads, groups=groups, initial_state=initial)
   seg = random_segments(rng, 2, seq, chunk) if segments else None
-  compare_to_reference(rng, inputs, h0, seg, chunk, F32_TOL, F32_TOL)
+  compare_to_reference(rng, inputs, h0, seg, chunk, F32_TOL, F32_GRAD_TOL)
 
 
 @pytest.mark.parametrize("seq,chunk,groups", [(64, 64, 1), (100, 16, 2)])
@@ -166,7 +169,7 @@ def test_extreme_decays_stay_finite(rng):
   (x, dt, A, B, C), h0 = random_inputs(rng, seq=40, initial_state=True)
   dt = dt * 100.0
   A = np.full_like(A, -16.0)
-  compare_to_reference(rng, (x, dt, A, B, C), h0, None, 16, F32_TOL, F32_TOL)
+  compare_to_reference(rng, (x, dt, A, B, C), h0, None, 16, F32_TOL, F32_GRAD_TOL)
 
 
 def test_steps_match_reference(rng):
