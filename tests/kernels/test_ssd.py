@@ -20,6 +20,9 @@ F32_GRAD_TOL = 1e-4
 # bfloat16 x, dt, B, C (einsum operands in bf16, y rounded to bf16) vs the float32 scan on the
 # same rounded values, forward and gradients; about 5 bf16 ulps (seen: <= 7e-3 over many seeds).
 BF16_TOL = 2e-2
+# bf16 gradients: dA sums bf16-rounded terms over every position; seen up to 3.4e-2 (bf16's
+# epsilon is 7.8e-3). A wrong decay or reset gives errors of order 1.
+BF16_GRAD_TOL = 6e-2
 
 
 def assert_close(actual, expected, tol, what=""):
@@ -161,7 +164,7 @@ def test_chunked_bfloat16_inputs(rng, seq, chunk, groups):
   inputs, h0 = random_inputs(rng, seq=seq, groups=groups, initial_state=True)
   seg = random_segments(rng, 2, seq, chunk)
   bf16 = lambda a: jnp.asarray(a, jnp.bfloat16) if a.dtype == np.float32 and a.ndim > 1 else a
-  compare_to_reference(rng, inputs, h0, seg, chunk, BF16_TOL, BF16_TOL, cast=bf16)
+  compare_to_reference(rng, inputs, h0, seg, chunk, BF16_TOL, BF16_GRAD_TOL, cast=bf16)
 
 
 def test_extreme_decays_stay_finite(rng):
