@@ -13,6 +13,8 @@ import string
 import gin
 import numpy as np
 
+from lcjax.config import check_types
+
 # One "key:value" pair of a decoded prompt.
 PAIR_RE = r"([a-z]{3}):(\d{2})"
 SEPARATOR = " | "
@@ -30,6 +32,9 @@ class MqarConfig:
   num_validation: int = 256
   train_seed: int = 3
   validation_seed: int = 4
+
+  def __post_init__(self):
+    check_types(self)  # a wrong-typed gin binding fails here, naming it
 
 
 def example_bytes(cfg: MqarConfig) -> int:

@@ -12,6 +12,8 @@ from typing import Optional
 import gin
 import numpy as np
 
+from lcjax.config import check_types
+
 FILLER = (
     "The grass is green. The sky is blue. The sun is yellow. "
     "Here we go. There and back again. "
@@ -40,6 +42,9 @@ class PasskeyConfig:
   num_validation: int = 256
   train_seed: int = 1
   validation_seed: int = 2
+
+  def __post_init__(self):
+    check_types(self)  # a wrong-typed gin binding fails here, naming it
 
 
 def min_prompt_bytes(digits: int) -> int:

@@ -11,6 +11,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from lcjax.config import check_types
+
 from lcjax.data import tasks
 from lcjax.data.converter import MaskedLMFeatureConverter
 from lcjax.data.vocab import vocabulary  # noqa: F401  (public re-export)
@@ -24,6 +26,9 @@ class DataConfig:
   sequence_length: int = 512  # packed row length
   vocabulary: str = "byte"  # "byte" or a path to a SentencePiece .model file
   seed: int = 0
+
+  def __post_init__(self):
+    check_types(self)  # a wrong-typed gin binding fails here, naming it
 
 
 class BatchIterator:

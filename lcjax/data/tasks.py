@@ -19,6 +19,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from lcjax.config import check_types
+
 from lcjax.data import mqar, passkey, preprocessors, shakespeare, vocab
 
 SHAKESPEARE, PASSKEY, MQAR, DEMO = "lcjax_shakespeare", "lcjax_passkey", "lcjax_mqar", "lcjax_demo"
@@ -32,6 +34,9 @@ class MixtureRates:
   shakespeare: float = 0.5
   passkey: float = 0.3
   mqar: float = 0.2
+
+  def __post_init__(self):
+    check_types(self)  # a wrong-typed gin binding fails here, naming it
 
 
 class _SelfShuffledSource(seqio.FunctionDataSource):

@@ -21,7 +21,6 @@ final_state into initial_state must itself drop the state when the split falls o
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

@@ -57,3 +57,10 @@ def test_model_vocabulary_smaller_than_data_vocabulary():
   parse_gin([DEMO_GIN], TINY + ["ModelConfig.vocab_size = 128"])
   with pytest.raises(ValueError, match="vocab_size=128 is smaller"):
     build(Run.from_gin())
+
+
+def test_wrong_type_in_a_data_task_config_names_the_binding():
+  from lcjax.data.mqar import MqarConfig
+  parse_gin([DEMO_GIN], ["MqarConfig.num_pairs = 8.5"])
+  with pytest.raises(TypeError, match=r"MqarConfig\.num_pairs"):
+    MqarConfig()
