@@ -10,46 +10,20 @@ heads % kv_heads == 0 (grouped-query: query head h reads kv head h // (heads // 
 out like q; lse `[batch, heads, q_seq]` float32, the natural log of the sum over visible keys of
 exp(q.k / sqrt(head_dim)), -inf for a query that sees no key (out is 0 there).
 
-The mask (`visible`): query i sees key j iff they are in the same document, j is not after i,
-and, with a sliding window, j is one of the last `window` tokens up to i or one of the first
-`sinks` tokens of the document (attention sinks, StreamingLLM). "After" is by `Tokens.index`,
-the token's place in the unpermuted row, so sequence layouts that reorder tokens keep the mask.
-"""
+The mask is `lcjax.kernels.mask.visible`: causal by each token's original index, within its
+document, optionally a sliding window with sink tokens.
 
-from typing import NamedTuple
+Implementations (`IMPLS`): "reference" (materialises the scores; the ground truth), "blockwise"
+(flash-style tiles in plain JAX: O(block^2) memory, any backend), "pallas" (the Pallas flash
+kernel: Triton on GPU, Mosaic on TPU, interpret mode on CPU), "xla" (`jax.nn.dot_product_attention`,
+cuDNN on GPU where it applies; gives no lse). "auto" picks per backend (`AUTO`).
+"""
 
 import jax
 import jax.numpy as jnp
 
-
-class Tokens(NamedTuple):
-  """What the mask needs to know about each token; each `[batch, seq]` int32."""
-  segment_ids: jax.Array  # the packed document the token belongs to (0: padding)
-  index: jax.Array  # its place in the original row: the causal order
-  positions: jax.Array  # its position within its document: sinks are positions < sinks
-
-
-def row_tokens(segment_ids: jax.Array, positions: jax.Array | None = None) -> Tokens:
-  """Tokens of whole, unpermuted rows: index = 0..seq-1; positions default to the index."""
-  batch, seq = segment_ids.shape
-  index = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-  return Tokens(segment_ids, index, index if positions is None else positions)
-
-
-def check_mask_args(window: int | None, sinks: int) -> None:
-  if window is not None and window < 1:
-    raise ValueError(f"window={window} must be >= 1 (the token itself), or None for no window.")
-  if sinks < 0:
-    raise ValueError(f"sinks={sinks} must be >= 0.")
-
-
-def visible(q: Tokens, kv: Tokens, *, window: int | None = None, sinks: int = 0) -> jax.Array:
-  """bool `[batch, q_seq, kv_seq]`: which keys each query attends to (see the module doc)."""
-  qi, kj = q.index[:, :, None], kv.index[:, None, :]
-  mask = (q.segment_ids[:, :, None] == kv.segment_ids[:, None, :]) & (kj <= qi)
-  if window is not None:
-    mask &= (qi - kj < window) | (kv.positions[:, None, :] < sinks)
-  return mask
+from lcjax.kernels import blockwise_attention, flash_attention
+from lcjax.kernels.mask import Tokens, check_mask_args, row_tokens, visible
 
 
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_tokens: Tokens,
@@ -78,22 +52,59 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_tokens: Toke
           lse.reshape(batch, heads, q_seq))
 
 
+def _pallas(q, k, v, q_tokens, kv_tokens, *, window, sinks):
+  # On CPU there is no Pallas compiler: interpret mode (slow; for tests).
+  return flash_attention.flash_attention(q, k, v, q_tokens, kv_tokens, window=window,
+                                         sinks=sinks, interpret=jax.default_backend() == "cpu")
+
+
+def _xla(q, k, v, q_tokens, kv_tokens, *, window, sinks):
+  """XLA's fused attention (cuDNN on GPU when it takes the shapes); no lse."""
+  mask = visible(q_tokens, kv_tokens, window=window, sinks=sinks)[:, None]  # [b, 1, q, kv]
+  return jax.nn.dot_product_attention(q, k, v, mask=mask), None
+
+
 IMPLS = {
     "reference": reference_attention,
+    "blockwise": blockwise_attention.blockwise_attention,
+    "pallas": _pallas,
+    "xla": _xla,
 }
+
+# What "auto" runs on each backend. The Pallas kernel passes its interpret-mode tests and lowers
+# for Triton and Mosaic, but has not yet been run on a GPU or TPU (bench/README.md): until its
+# device table is taken it is opt-in (attention_impl="pallas"), not the default.
+AUTO = {"cpu": "reference", "gpu": "xla", "tpu": "xla"}
+
+
+def resolve_impl(impl: str, q=None, k=None, v=None) -> str:
+  """The implementation to run for `impl` ("auto": the backend's choice in AUTO).
+
+  Fails, naming the cause, if `impl` is unknown or is "pallas" and the kernel cannot take
+  q, k, v (`flash_attention.supports`).
+  """
+  if impl == "auto":
+    impl = AUTO.get(jax.default_backend(), "reference")
+  if impl not in IMPLS:
+    raise ValueError(f"Unknown attention impl {impl!r}; choose one of "
+                     f"{['auto'] + sorted(IMPLS)}.")
+  if impl == "pallas" and q is not None:
+    reason = flash_attention.supports(q, k, v)
+    if reason:
+      raise ValueError(f"attention_impl='pallas' cannot run these shapes: {reason} Choose "
+                       f"another attention_impl (e.g. 'auto').")
+  return impl
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
               positions: jax.Array | None = None, *, window: int | None = None, sinks: int = 0,
-              impl: str = "reference") -> jax.Array:
+              impl: str = "auto") -> jax.Array:
   """Self-attention over whole rows with the implementation named `impl` (a key of `IMPLS`).
 
   q, k, v as in the module doc with q_seq = kv_seq; segment_ids, positions `[batch, seq]`
   (positions default to 0..seq-1, one document per row). Returns out `[batch, seq, heads,
   head_dim]`.
   """
-  if impl not in IMPLS:
-    raise ValueError(f"Unknown attention impl {impl!r}; choose one of {sorted(IMPLS)}.")
   check_mask_args(window, sinks)
   tokens = row_tokens(segment_ids, positions)
-  return IMPLS[impl](q, k, v, tokens, tokens, window=window, sinks=sinks)[0]
+  return IMPLS[resolve_impl(impl, q, k, v)](q, k, v, tokens, tokens, window=window, sinks=sinks)[0]

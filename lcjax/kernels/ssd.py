@@ -21,8 +21,12 @@ final_state into initial_state must itself drop the state when the split falls o
 
 import functools
 
+import jax
 import jax.numpy as jnp
 from jax import lax
+
+from lcjax.kernels.ssd_pallas import ssd_pallas
+from lcjax.kernels.ssd_pallas import supports as ssd_pallas_supports
 
 f32 = jnp.float32
 
@@ -202,20 +206,45 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size=256, segment_ids=None, initial_sta
   return y.astype(cdt), final_state.reshape(batch, heads, head_dim, d_state)
 
 
+def _pallas(x, dt, A, B, C, *, chunk_size, segment_ids, initial_state):
+  # On CPU there is no Pallas compiler: interpret mode (slow; for tests).
+  return ssd_pallas(x, dt, A, B, C, chunk_size=chunk_size, segment_ids=segment_ids,
+                    initial_state=initial_state, interpret=jax.default_backend() == "cpu")
+
+
 IMPLS = {
     "chunked": ssd_chunked,
     "reference": ssd_reference,
+    "pallas": _pallas,
 }
+
+# What "auto" runs on each backend. The Pallas kernel passes its interpret-mode tests and lowers
+# for Triton and Mosaic, but has not yet been run on a GPU or TPU (bench/README.md): until its
+# device table is taken it is opt-in (ssd_impl="pallas"), not the default.
+AUTO = {"cpu": "chunked", "gpu": "chunked", "tpu": "chunked"}
+
+
+def resolve_impl(impl: str, x=None, B=None, chunk_size=None) -> str:
+  """The implementation to run for `impl` ("auto": the backend's choice in AUTO). Fails,
+  naming the cause, if `impl` is unknown or is "pallas" and the kernel cannot take the shapes."""
+  if impl == "auto":
+    impl = AUTO.get(jax.default_backend(), "chunked")
+  if impl not in IMPLS:
+    raise ValueError(f"Unknown ssd impl {impl!r}; choose one of {['auto'] + sorted(IMPLS)}.")
+  if impl == "pallas" and x is not None:
+    reason = ssd_pallas_supports(x, B, chunk_size=chunk_size)
+    if reason:
+      raise ValueError(f"ssd_impl='pallas' cannot run these shapes: {reason} Choose another "
+                       f"ssd_impl (e.g. 'auto').")
+  return impl
 
 
 def ssd(x, dt, A, B, C, *, chunk_size=256, segment_ids=None, initial_state=None,
-        impl="chunked"):
-  """Runs the SSD implementation named `impl` (a key of `IMPLS`); shapes as in the module doc.
-
-  Returns (y, final_state). `chunk_size` only matters to chunked implementations.
+        impl="auto"):
+  """Runs the SSD implementation named `impl` (a key of `IMPLS`, or "auto"); shapes as in the
+  module doc. Returns (y, final_state). `chunk_size` only matters to chunked implementations.
   """
-  if impl not in IMPLS:
-    raise ValueError(f"Unknown ssd impl {impl!r}; choose one of {sorted(IMPLS)}.")
+  impl = resolve_impl(impl, x, B, chunk_size)
   fn = IMPLS[impl]
   if impl != "reference":
     fn = functools.partial(fn, chunk_size=chunk_size)

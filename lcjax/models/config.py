@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from lcjax.config import check_types
+from lcjax.kernels import attention as attention_kernels
+from lcjax.kernels import ssd as ssd_kernels
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 POSITION_ENCODINGS = ("rope", "none")
@@ -40,6 +42,11 @@ class ModelConfig:
   dtype: the compute dtype; parameters are always stored in float32. "auto" is bfloat16 on
     GPU and TPU and float32 on CPU (where bfloat16 matmuls are emulated and slow).
   remat: "none", "full" (save nothing), or a policy name in `jax.checkpoint_policies`.
+  attention_window: None for full causal attention, else a sliding window of that many tokens
+    (the token itself included); attention_sinks: with a window, the first tokens of every
+    document that stay visible to all later ones (StreamingLLM's attention sinks).
+  attention_impl / ssd_impl: the kernel, by name (`lcjax.kernels.attention.IMPLS`,
+    `lcjax.kernels.ssd.IMPLS`); "auto" picks the fastest one the backend has.
 
   mamba_*: the Mamba-2 mixer ("M"), named and defaulted as mamba_ssm's `Mamba2`: d_inner =
     mamba_expand * d_model channels in mamba_headdim-wide heads (mamba_nheads of them) sharing
@@ -62,6 +69,10 @@ class ModelConfig:
   dtype: str = "auto"
   remat: str = "none"
   init_std: float = 0.02
+  attention_window: int | None = None
+  attention_sinks: int = 0
+  attention_impl: str = "auto"
+  ssd_impl: str = "auto"
   mamba_d_state: int = 128
   mamba_d_conv: int = 4
   mamba_expand: int = 2
@@ -97,7 +108,23 @@ class ModelConfig:
     remats = ("none", "full") + checkpoint_policy_names()
     if self.remat not in remats:
       raise ValueError(f"remat={self.remat!r} is not one of {remats}.")
+    if self.attention_window is not None and self.attention_window < 1:
+      raise ValueError(f"attention_window={self.attention_window} must be >= 1 (tokens, the "
+                       f"query included), or None for full causal attention.")
+    if self.attention_sinks < 0 or (self.attention_sinks and self.attention_window is None):
+      raise ValueError(f"attention_sinks={self.attention_sinks} needs >= 0 and a sliding "
+                       f"window (without one every token is visible anyway): set "
+                       f"ModelConfig.attention_window or attention_sinks = 0.")
+    self._check_kernels()
     self._check_mamba()
+
+  def _check_kernels(self):
+    for name, impls in (("attention_impl", attention_kernels.IMPLS),
+                        ("ssd_impl", ssd_kernels.IMPLS)):
+      value = getattr(self, name)
+      if value != "auto" and value not in impls:
+        raise ValueError(f"ModelConfig.{name}={value!r} is not one of "
+                         f"{('auto',) + tuple(sorted(impls))}.")
 
   def _check_mamba(self):
     for name in ("mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_headdim",

@@ -55,7 +55,8 @@ class Embed(nnx.Module):
 class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x)). A mixer, so it takes and ignores the extras."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, sequence=None):
+    del sequence  # per token: a split sequence changes nothing
     d, f = cfg.d_model, cfg.mlp_dim
     self.gate = normal_param(rngs, (d, f), cfg.init_std, ("embed", "mlp"))
     self.up = normal_param(rngs, (d, f), cfg.init_std, ("embed", "mlp"))

@@ -34,9 +34,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lcjax.kernels.conv import causal_conv
 from lcjax.kernels.ssd import ssd, ssd_step
 from lcjax.models.config import ModelConfig
 from lcjax.models.layers import normal_param
+from lcjax.parallel.sequence import SequenceSharding
 
 CONV_PARTS = ("x", "B", "C")  # the order of channels in the conv cache, as in mamba_ssm's xBC
 
@@ -47,26 +49,6 @@ class MambaCache(NamedTuple):
   `[batch, heads, head_dim, d_state]` float32."""
   conv: jax.Array
   ssm: jax.Array
-
-
-def causal_conv(u: jax.Array, weight: jax.Array, bias: jax.Array,
-                segment_ids: jax.Array | None) -> jax.Array:
-  """Depthwise causal conv: out[t] = bias + sum_k weight[k] * u[t - (K-1) + k].
-
-  u `[batch, seq, channels]`, weight `[K, channels]`, bias `[channels]`; terms before the row
-  start or from another segment (segment_ids `[batch, seq]`) are dropped. Accumulates in
-  float32, returns u.dtype.
-  """
-  seq, width = u.shape[1], weight.shape[0]
-  w = weight.astype(u.dtype).astype(jnp.float32)  # the weights as the compute dtype has them
-  out = u.astype(jnp.float32) * w[width - 1] + bias.astype(u.dtype).astype(jnp.float32)
-  for shift in range(1, min(width, seq)):  # further back is before the row start
-    earlier = jnp.pad(u, ((0, 0), (shift, 0), (0, 0)))[:, :seq]
-    if segment_ids is not None:
-      same = jnp.pad(segment_ids, ((0, 0), (shift, 0)))[:, :seq] == segment_ids
-      earlier = jnp.where(same[..., None], earlier, jnp.zeros_like(earlier))
-    out = out + earlier.astype(jnp.float32) * w[width - 1 - shift]
-  return out.astype(u.dtype)
 
 
 def gated_rms_norm(y: jax.Array, z: jax.Array, scale: jax.Array, groups: int,
@@ -98,13 +80,16 @@ class Mamba2(nnx.Module):
   U(-1/sqrt(d_conv), 1/sqrt(d_conv)), and the bias the same bound.
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs,
+               sequence: SequenceSharding | None = None):
     d, inner, heads = cfg.d_model, cfg.mamba_d_inner, cfg.mamba_nheads
     bc = cfg.mamba_ngroups * cfg.mamba_d_state
     width = cfg.mamba_d_conv
     self.d_inner, self.nheads, self.headdim = inner, heads, cfg.mamba_headdim
     self.ngroups, self.d_state, self.d_conv = cfg.mamba_ngroups, cfg.mamba_d_state, width
     self.chunk_size = cfg.mamba_chunk_size
+    self.impl = cfg.ssd_impl
+    self.sequence = sequence
     self.dt_limit = tuple(float(v) for v in cfg.mamba_dt_limit)
     self.eps = cfg.norm_eps
     self.dtype = cfg.compute_dtype
@@ -166,15 +151,26 @@ class Mamba2(nnx.Module):
     batch, seq, _ = u.shape
     z, conv_in, dt_raw = self._in_proj(u)
     weights, biases = self._conv_params()
-    x, B, C = (jax.nn.silu(causal_conv(v, w, b, segment_ids))
-               for v, w, b in zip(conv_in, weights, biases))
+    x, B, C = (jax.nn.silu(self._conv(v, w, b, segment_ids, part))
+               for v, w, b, part in zip(conv_in, weights, biases, CONV_PARTS))
     dt, A = self._dt_A(dt_raw)
     x = x.reshape(batch, seq, self.nheads, self.headdim)
     B = B.reshape(batch, seq, self.ngroups, self.d_state)
     C = C.reshape(batch, seq, self.ngroups, self.d_state)
-    y, state = ssd(x, dt, A, B, C, chunk_size=self.chunk_size, segment_ids=segment_ids,
-                   initial_state=initial_state)
+    if self.sequence is None:
+      y, state = ssd(x, dt, A, B, C, chunk_size=self.chunk_size, segment_ids=segment_ids,
+                     initial_state=initial_state, impl=self.impl)
+    else:  # rows split over devices: states cross shards (training only: no state out)
+      y, state = self.sequence.ssd(x, dt, A, B, C, segment_ids, chunk_size=self.chunk_size,
+                                   impl=self.impl), None
     return self._output(y, x, z), state, jnp.concatenate(conv_in, axis=-1)
+
+  def _conv(self, u, weight, bias, segment_ids, part: str):
+    if self.sequence is None:
+      return causal_conv(u, weight, bias, segment_ids)
+    # x's channels are split with the heads; B and C are shared by them (see the rules).
+    channel_axis = self.sequence.ssm_head_axis if part == "x" else None
+    return self.sequence.conv(u, weight, bias, segment_ids, channel_axis=channel_axis)
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None) -> jax.Array:
@@ -183,7 +179,10 @@ class Mamba2(nnx.Module):
     positions are unused (order is carried by the recurrence).
     """
     del positions
-    return self._forward(x, segment_ids)[0]
+    if self.sequence is None:
+      return self._forward(x, segment_ids)[0]
+    to, back = self.sequence.to_mamba_layout, self.sequence.from_mamba_layout
+    return back(self._forward(to(x), to(segment_ids))[0])
 
   # --- recurrent decoding ---
 

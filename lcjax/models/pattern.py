@@ -1,7 +1,8 @@
 """Layer patterns in Megatron's hybrid notation: one symbol per block.
 
 "*-*-" is attention, MLP, attention, MLP; "M" is a Mamba-2 mixer. Each symbol maps to a mixer factory
-`factory(cfg, *, rngs)` whose module is called as `mixer(x, *, segment_ids, positions)`;
+`factory(cfg, *, rngs, sequence=None)` (sequence: a `lcjax.parallel.sequence.SequenceSharding`
+when rows are split over devices) whose module is called as `mixer(x, *, segment_ids, positions)`;
 a new mixer is one entry in `MIXERS`. For decoding, every mixer also has
 `init_cache(batch, max_len)`, `prefill(x, cache, *, positions)` and `step(x_t, cache)`.
 """

@@ -34,27 +34,29 @@ def check_layout(layout: str, seq: int, shards: int) -> None:
         f"or the sequence mesh axis.")
 
 
-def shard_index(layout: str, seq: int, shards: int, shard) -> jax.Array:
+def shard_index(layout: str, seq: int, shards: int, shard, xp=jnp) -> jax.Array:
   """int32 `[seq // shards]`: the original indices of the tokens shard `shard` holds, in the
-  order it holds them. `shard` may be traced (`lax.axis_index` inside `shard_map`)."""
+  order it holds them. `shard` may be traced (`lax.axis_index` inside `shard_map`); pass
+  xp=np for a host array."""
   local = seq // shards
+  arange = lambda n: xp.arange(n, dtype=xp.int32)
   if layout == "contiguous":
-    return shard * local + jnp.arange(local, dtype=jnp.int32)
+    return shard * local + arange(local)
   if layout == "zigzag":
     half = local // 2
-    first = shard * half + jnp.arange(half, dtype=jnp.int32)
-    second = (2 * shards - 1 - shard) * half + jnp.arange(half, dtype=jnp.int32)
-    return jnp.concatenate([first, second])
+    first = shard * half + arange(half)
+    second = (2 * shards - 1 - shard) * half + arange(half)
+    return xp.concatenate([first, second])
   if layout == "striped":
-    return shard + shards * jnp.arange(local, dtype=jnp.int32)
+    return shard + shards * arange(local)
   raise ValueError(f"Unknown sequence layout {layout!r}; choose one of {LAYOUTS}.")
 
 
 def permutation(layout: str, seq: int, shards: int) -> np.ndarray:
-  """int32 `[seq]`: perm[p] is the original index of the token at permuted position p."""
+  """int32 `[seq]`: perm[p] is the original index of the token at permuted position p (a host
+  array: usable while tracing)."""
   check_layout(layout, seq, shards)
-  return np.concatenate([np.asarray(shard_index(layout, seq, shards, d))
-                         for d in range(shards)]).astype(np.int32)
+  return np.concatenate([shard_index(layout, seq, shards, d, xp=np) for d in range(shards)])
 
 
 def permute_batch(batch: dict, layout: str, shards: int) -> dict:

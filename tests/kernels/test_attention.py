@@ -2,7 +2,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcjax.kernels.attention import attention, reference_attention, row_tokens
+from lcjax.kernels.attention import IMPLS, attention, reference_attention
+from lcjax.kernels.mask import row_tokens
 
 
 def random_qkv(rng, batch=2, seq=12, heads=4, kv_heads=2, head_dim=8):
@@ -112,6 +113,23 @@ def test_dtypes():
   q = jnp.ones((1, 4, 2, 8), jnp.bfloat16)
   kv = jnp.ones((1, 4, 1, 8), jnp.bfloat16)
   assert attention(q, kv, kv, jnp.ones((1, 4), jnp.int32)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_every_impl_through_the_dispatch(rng, impl):
+  """`attention(impl=...)` runs each implementation on whole rows (Pallas in interpret mode)."""
+  q, k, v = random_qkv(rng, seq=20, head_dim=16)
+  seg = random_segments(rng, 2, 20)
+  pos = positions_of(seg)
+  want = attention(q, k, v, seg, pos, window=6, sinks=1, impl="reference")
+  got = attention(q, k, v, seg, pos, window=6, sinks=1, impl=impl)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_forced_pallas_with_unsupported_shapes_names_the_cause():
+  q = jnp.ones((1, 4, 2, 512))  # head_dim beyond what the kernel takes
+  with pytest.raises(ValueError, match="attention_impl='pallas' cannot run"):
+    attention(q, q, q, jnp.ones((1, 4), jnp.int32), impl="pallas")
 
 
 def test_unknown_impl():

@@ -253,10 +253,10 @@ def test_final_state_composes_across_splits(rng):
 
 def test_dispatch(rng):
   (x, dt, A, B, C), _ = random_inputs(rng, batch=1, seq=8, heads=2, groups=1)
-  assert set(IMPLS) == {"chunked", "reference"}
+  assert set(IMPLS) == {"chunked", "reference", "pallas"}
   y, final = ssd(x, dt, A, B, C, impl="reference")
   y_ref, final_ref = ssd_reference(x, dt, A, B, C)
   np.testing.assert_array_equal(y, y_ref)
   np.testing.assert_array_equal(final, final_ref)
-  with pytest.raises(ValueError, match=r"\['chunked', 'reference'\]"):
-    ssd(x, dt, A, B, C, impl="pallas")
+  with pytest.raises(ValueError, match=r"\['auto', 'chunked', 'pallas', 'reference'\]"):
+    ssd(x, dt, A, B, C, impl="triton")

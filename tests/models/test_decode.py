@@ -46,10 +46,12 @@ def decode(model, tokens, k):
   return jnp.concatenate(out, axis=1), cache
 
 
-@pytest.mark.parametrize("pattern, position_encoding", [
-    ("M-M-", "rope"), ("M*M-", "rope"), ("M*M-", "none")])
-def test_prefill_then_steps_match_forward(rng, pattern, position_encoding):
-  cfg = dataclasses.replace(CFG, pattern=pattern, position_encoding=position_encoding)
+@pytest.mark.parametrize("pattern, position_encoding, window, sinks", [
+    ("M-M-", "rope", None, 0), ("M*M-", "rope", None, 0), ("M*M-", "none", None, 0),
+    ("*-*-", "rope", 5, 2)])
+def test_prefill_then_steps_match_forward(rng, pattern, position_encoding, window, sinks):
+  cfg = dataclasses.replace(CFG, pattern=pattern, position_encoding=position_encoding,
+                            attention_window=window, attention_sinks=sinks)
   model = LM(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
   tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, SEQ)), jnp.int32)
   want = forward(model, tokens)

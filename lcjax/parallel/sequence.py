@@ -1,0 +1,143 @@
+"""Sequence parallelism as the model sees it: one object that runs the sequence-mixing ops
+(attention, the Mamba-2 conv and SSD) on rows split over the `sequence` mesh axis.
+
+The loop builds a `SequenceSharding` from the mesh, the logical-axis rules and the gin
+`SequenceConfig`, and hands it to the model (`LM(..., sequence=...)`); mixers call its methods
+instead of the single-device kernels when it is set. Everything else in the model is per token
+and needs nothing: XLA shards it along the sequence like any other axis.
+
+Layouts (`lcjax.parallel.layout`): the batch arrives already permuted into the layout. Ring and
+all-gather attention take any layout (their mask follows each token's original index). The
+Mamba-2 recurrence needs each device's tokens to be contiguous runs of the row: contiguous and
+zigzag layouts are, striped is not, so under striped each Mamba-2 layer moves its input to the
+contiguous order and its output back (two all-to-alls of `[batch, seq, d_model]` per layer) —
+striped suits attention-heavy stacks; zigzag balances causal attention and keeps Mamba-2 local.
+"""
+
+import dataclasses
+
+import gin
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lcjax.config import check_types
+from lcjax.parallel import sharding
+from lcjax.parallel.layout import LAYOUTS, check_layout
+from lcjax.parallel.ring_attention import METHODS, sequence_attention
+from lcjax.parallel.ssd_sharded import sharded_causal_conv, sharded_ssd
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class SequenceConfig:
+  """layout: how a row's tokens are dealt to the sequence shards (contiguous, zigzag, striped).
+  attention: "ring" (k/v blocks passed around the ring, O(seq / N) memory per device) or
+    "allgather" (k/v gathered whole: simpler, O(seq) memory, one collective).
+  block_size: the query and key block of each device's local, blockwise attention."""
+  layout: str = "zigzag"
+  attention: str = "ring"
+  block_size: int = 512
+
+  def __post_init__(self):
+    check_types(self)
+    if self.layout not in LAYOUTS:
+      raise ValueError(f"SequenceConfig.layout={self.layout!r} is not one of {LAYOUTS}.")
+    if self.attention not in METHODS:
+      raise ValueError(f"SequenceConfig.attention={self.attention!r} is not one of "
+                       f"{tuple(sorted(METHODS))}.")
+    if self.block_size < 1:
+      raise ValueError(f"SequenceConfig.block_size must be >= 1, got {self.block_size}.")
+
+
+def _one_axis(axes):
+  """A PartitionSpec entry -> a tuple of mesh axis names."""
+  return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceSharding:
+  """Where the sequence, batch and heads live on `mesh` (from the logical rules), and how."""
+  mesh: Mesh
+  config: SequenceConfig
+  batch_axes: tuple[str, ...]
+  seq_axis: str
+  head_axis: str | None  # attention heads (and kv heads)
+  ssm_head_axis: str | None  # Mamba-2 heads and their channels
+
+  @classmethod
+  def create(cls, mesh: Mesh, rules, config: SequenceConfig) -> "SequenceSharding | None":
+    """None unless the rules put the sequence on a mesh axis of size > 1."""
+    batch_axes, seq_axes = (_one_axis(a) for a in sharding.spec(sharding.BATCH_AXES, rules))
+    seq_axes = tuple(a for a in seq_axes if mesh.shape[a] > 1)
+    if not seq_axes:
+      return None
+    if len(seq_axes) > 1:
+      raise ValueError(f"The sequence is split over several mesh axes {seq_axes}; sequence "
+                       "parallelism needs one: map 'seq' to a single axis in logical_rules.")
+    head_axes = []
+    for name in ("heads", "ssm_heads"):
+      axes = _one_axis(sharding.spec((name,), rules)[0])
+      if len(axes) > 1:
+        raise ValueError(f"'{name}' is split over several mesh axes {axes}; sequence "
+                         f"parallelism supports one: map '{name}' to a single axis.")
+      head_axes.append(axes[0] if axes else None)
+    return cls(mesh, config, batch_axes, seq_axes[0], *head_axes)
+
+  @property
+  def shards(self) -> int:
+    return self.mesh.shape[self.seq_axis]
+
+  @property
+  def layout(self) -> str:
+    return self.config.layout
+
+  def check(self, seq: int) -> None:
+    check_layout(self.layout, seq, self.shards)
+
+  def _axes(self):
+    return dict(mesh=self.mesh, batch_axes=self.batch_axes, seq_axis=self.seq_axis)
+
+  def attention(self, q, k, v, segment_ids, positions, *, window, sinks):
+    """q `[batch, seq, heads, head_dim]`, k, v `[batch, seq, kv_heads, head_dim]`, all in the
+    layout's order -> out like q."""
+    block = self.config.block_size
+    return sequence_attention(q, k, v, segment_ids, positions, layout=self.layout,
+                              method=self.config.attention, window=window, sinks=sinks,
+                              head_axis=self.head_axis, block_q=block, block_kv=block,
+                              **self._axes())
+
+  def mamba_layout(self) -> str:
+    """The layout the Mamba-2 ops run in: the batch's own, except striped -> contiguous."""
+    return "contiguous" if self.layout == "striped" else self.layout
+
+  def conv(self, u, weight, bias, segment_ids, *, channel_axis):
+    return sharded_causal_conv(u, weight, bias, segment_ids, layout=self.mamba_layout(),
+                               channel_axis=channel_axis, **self._axes())
+
+  def ssd(self, x, dt, A, B, C, segment_ids, *, chunk_size, impl):
+    return sharded_ssd(x, dt, A, B, C, segment_ids, layout=self.mamba_layout(),
+                       chunk_size=chunk_size, head_axis=self.ssm_head_axis, impl=impl,
+                       **self._axes())
+
+  def _constrain(self, x):
+    spec = P(self.batch_axes or None, self.seq_axis, *([None] * (x.ndim - 2)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+  def to_mamba_layout(self, x):
+    """`[batch, seq, ...]` in the batch's layout -> in `mamba_layout()`. Striped position
+    d*L + j holds token j*N + d, so the contiguous order is a transpose of [N, L] -> [L, N]."""
+    if self.layout != "striped":
+      return x
+    b, s = x.shape[:2]
+    n = self.shards
+    y = x.reshape(b, n, s // n, *x.shape[2:]).swapaxes(1, 2).reshape(x.shape)
+    return self._constrain(y)
+
+  def from_mamba_layout(self, x):
+    if self.layout != "striped":
+      return x
+    b, s = x.shape[:2]
+    n = self.shards
+    y = x.reshape(b, s // n, n, *x.shape[2:]).swapaxes(1, 2).reshape(x.shape)
+    return self._constrain(y)
