@@ -68,7 +68,7 @@ def measure(run: Run, seq_len: int, batch: int, time_it: bool, steps: int) -> di
         "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
         "loss_weights": np.ones((batch, seq_len), np.float32),
     }
-    data = b["put_batch"](data)
+    data = b["put_batch"](data, batch)
     state, m = compiled(state, data)  # warm-up
     jax.block_until_ready(m)
     times = []

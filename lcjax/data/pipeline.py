@@ -12,7 +12,6 @@ import seqio
 import tensorflow as tf
 
 from lcjax.config import check_types
-
 from lcjax.data import tasks
 from lcjax.data.converter import MaskedLMFeatureConverter
 from lcjax.data.vocab import vocabulary  # noqa: F401  (public re-export)

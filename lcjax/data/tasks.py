@@ -20,7 +20,6 @@ import seqio
 import tensorflow as tf
 
 from lcjax.config import check_types
-
 from lcjax.data import mqar, passkey, preprocessors, shakespeare, vocab
 
 SHAKESPEARE, PASSKEY, MQAR, DEMO = "lcjax_shakespeare", "lcjax_passkey", "lcjax_mqar", "lcjax_demo"

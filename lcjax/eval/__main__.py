@@ -36,7 +36,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None) -> dict:
   abstract = train_state.abstract_state(b["abstract_params"], b["optimizer"])
   state, _ = ckpt.restore(step, abstract_with_shardings(abstract, b["shardings"]))
   ckpt.close()
-  metrics = evaluate(b["eval_step"], state["params"], load_eval_batches(run), b["put_batch"])
+  metrics = evaluate(b["eval_step"], state["params"], load_eval_batches(run))
   results = {"step": step, "checkpoint": os.path.join(ckpt.directory, str(step)), **metrics}
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)

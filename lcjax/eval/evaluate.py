@@ -2,7 +2,6 @@
 
 import math
 
-import jax
 import numpy as np
 
 from lcjax.train.step import token_losses
@@ -32,15 +31,16 @@ def exact_matches(correct: np.ndarray, batch: dict) -> tuple[int, int]:
   return hits, total
 
 
-def evaluate(eval_step, params, batches_by_task: dict, put_batch) -> dict[str, float]:
-  """Runs `eval_step` over each task's batches; keys are `eval/<task>/<metric>`."""
+def evaluate(eval_step, params, batches_by_task: dict) -> dict[str, float]:
+  """Runs `eval_step(params, host batch) -> host (losses, correct)` (the loop's `build` makes
+  one) over each task's batches; keys are `eval/<task>/<metric>`."""
   results = {}
   for task, batches in batches_by_task.items():
     loss_sum = weight_sum = correct_sum = 0.0
     hits = docs = 0
     answers_only = False  # exact match means something only for prompt -> answer tasks
     for batch in batches:
-      losses, correct = jax.device_get(eval_step(params, put_batch(batch)))
+      losses, correct = eval_step(params, batch)
       w = batch["loss_weights"].astype(np.float64)
       loss_sum += float((losses * w).sum())
       correct_sum += float((correct * w).sum())

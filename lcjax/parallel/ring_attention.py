@@ -30,9 +30,13 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from lcjax.kernels.blockwise_attention import (
+  blockwise_attention,
+  blockwise_bwd,
+  blockwise_fwd,
+  fully_masked,
+)
 from lcjax.kernels.mask import Tokens, check_mask_args
-from lcjax.kernels.blockwise_attention import (blockwise_attention, blockwise_bwd, blockwise_fwd,
-                                               fully_masked)
 from lcjax.parallel.layout import check_layout, shard_index
 
 f32 = jnp.float32

@@ -84,6 +84,23 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   return NamedSharding(mesh, spec(BATCH_AXES, rules))
 
 
+def process_share(batch_sharding: NamedSharding, global_shape: tuple[int, int]):
+  """The part of a `[batch, seq]` array this process's devices hold: (rows, positions) slices,
+  and which of the equal row ranges that is (index, count) — processes that hold the same rows
+  (the sequence split across them) must load the same data.
+  """
+  spans = batch_sharding.addressable_devices_indices_map(global_shape).values()
+
+  def union(dim):
+    starts = [s[dim].start or 0 for s in spans]
+    stops = [global_shape[dim] if s[dim].stop is None else s[dim].stop for s in spans]
+    return slice(min(starts), max(stops))
+
+  rows, positions = union(0), union(1)
+  n_rows = rows.stop - rows.start
+  return rows, positions, rows.start // n_rows, global_shape[0] // n_rows
+
+
 def check_batch(global_batch_size: int, seq_len: int, mesh: Mesh, rules) -> None:
   """Fails fast when the batch or the sequence cannot be split over the mesh."""
   b_axes, s_axes = spec(BATCH_AXES, rules)

@@ -49,8 +49,8 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from lcjax.kernels.ssd import ssd
 from lcjax.kernels.conv import causal_conv
+from lcjax.kernels.ssd import ssd
 from lcjax.parallel.layout import LAYOUTS, check_layout
 
 f32 = jnp.float32

@@ -9,6 +9,7 @@ import base64
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -37,8 +38,15 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state, data_state: bytes, force: bool = False) -> bool:
-    """Saves if `step` is on the interval (or `force`); returns whether a save started."""
-    data = {"iterator": base64.b64encode(data_state).decode("ascii")}
+    """Saves if `step` is on the interval (or `force`); returns whether a save started.
+
+    Every process's data-iterator state is kept (each reads its own share of the data); all
+    processes must call this together, as they must for the arrays.
+    """
+    if not (force or self._manager.should_save(step)):
+      return False
+    data = {f"iterator_{i}": base64.b64encode(s).decode("ascii")
+            for i, s in enumerate(_gather_bytes(data_state))}
     return self._manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)),
@@ -53,7 +61,7 @@ class Checkpointer:
           args=ocp.args.Composite(
               state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
       )
-      data_state = base64.b64decode(restored["data"]["iterator"])
+      data_state = base64.b64decode(restored["data"][f"iterator_{jax.process_index()}"])
     except Exception as e:  # orbax raises many types for a damaged checkpoint
       others = [s for s in self.all_steps() if s != step]
       fallback = (
@@ -72,6 +80,19 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _gather_bytes(value: bytes) -> list[bytes]:
+  """Every process's `value`, in process order (on one process: [value])."""
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils
+  raw = np.frombuffer(value, np.uint8)
+  lengths = multihost_utils.process_allgather(np.asarray([raw.size]))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:raw.size] = raw
+  gathered = multihost_utils.process_allgather(padded)
+  return [bytes(row[:int(n)]) for row, n in zip(gathered, lengths.reshape(-1))]
 
 
 def abstract_with_shardings(tree, shardings):

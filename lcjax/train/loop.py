@@ -12,15 +12,23 @@ import time
 
 import gin
 import jax
+import numpy as np
 import tqdm
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lcjax.config import check_types
-from lcjax.data.pipeline import DataConfig, make_eval_batches, make_train_iterator, vocabulary
+from lcjax.data.pipeline import (
+  DataConfig,
+  make_eval_batches,
+  make_train_iterator,
+  vocabulary,
+)
 from lcjax.eval.evaluate import evaluate, make_eval_step
 from lcjax.models.config import ModelConfig
 from lcjax.parallel import sharding
+from lcjax.parallel.layout import permute_batch, unpermute
 from lcjax.parallel.mesh import MeshConfig, make_mesh
+from lcjax.parallel.sequence import SequenceConfig, SequenceSharding
 from lcjax.train import flops, optim
 from lcjax.train import state as train_state
 from lcjax.train.checkpoint import Checkpointer, abstract_with_shardings
@@ -85,10 +93,14 @@ def build(run: Run):
   """Mesh, shardings, optimizer and jitted functions shared by training and evaluation."""
   mesh = make_mesh(run.mesh_config)
   rules = sharding.logical_rules()
-  sharding.check_batch(run.train.batch_size // run.train.grad_accum_steps,
-                       run.data.sequence_length, mesh, rules)
+  seq_len = run.data.sequence_length
+  sharding.check_batch(run.train.batch_size // run.train.grad_accum_steps, seq_len, mesh, rules)
   check_vocabulary(run.model, run.data)
-  graphdef, abstract_params = train_state.model_skeleton(run.model)
+  sequence = SequenceSharding.create(mesh, rules, SequenceConfig())
+  if sequence is not None:
+    sequence.check(seq_len)
+  layout, shards = (sequence.layout, sequence.shards) if sequence else ("contiguous", 1)
+  graphdef, abstract_params = train_state.model_skeleton(run.model, sequence)
   schedule = optim.schedule(run.optim, run.train.steps)
   optimizer = optim.make_optimizer(
       run.optim, run.train.steps, optim.decay_mask(abstract_params, run.optim))
@@ -96,29 +108,46 @@ def build(run: Run):
   batch_sharding = sharding.batch_sharding(mesh, rules)
   replicated = NamedSharding(mesh, PartitionSpec())
 
-  def put_batch(batch):
-    """Host batch -> global array. Each process passes its own rows (multi-host)."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding, v)
-            for k, v in batch.items()}
+  # This process's share of a train batch: its rows (processes holding the same rows, with the
+  # sequence split across them, load the same data) and, of those, its positions.
+  train_rows, _, data_shard, data_shards = sharding.process_share(
+      batch_sharding, (run.train.batch_size, seq_len))
 
-  eval_step = jax.jit(make_eval_step(graphdef),
-                      in_shardings=(shardings["params"], batch_sharding),
-                      out_shardings=replicated)
+  def put_batch(rows: dict, global_rows: int):
+    """This process's rows of a host batch (whole rows, original order) -> global arrays:
+    permuted into the sequence layout, then each process's positions of them."""
+    rows = permute_batch(rows, layout, shards)
+    _, positions, _, _ = sharding.process_share(batch_sharding, (global_rows, seq_len))
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v[:, positions],
+                                                      (global_rows, seq_len))
+            for k, v in rows.items()}
+
+  jitted_eval = jax.jit(make_eval_step(graphdef),
+                        in_shardings=(shardings["params"], batch_sharding),
+                        out_shardings=replicated)
+
+  def eval_step(params, batch: dict):
+    """A whole host batch (every process passes the same) -> host (losses, correct), in the
+    batch's original token order."""
+    global_rows = next(iter(batch.values())).shape[0]
+    rows, _, _, _ = sharding.process_share(batch_sharding, (global_rows, seq_len))
+    out = jax.device_get(jitted_eval(params, put_batch(
+        {k: v[rows] for k, v in batch.items()}, global_rows)))
+    return tuple(unpermute(np.asarray(x), layout, shards) for x in out)
+
   return dict(mesh=mesh, rules=rules, graphdef=graphdef, abstract_params=abstract_params,
               schedule=schedule, optimizer=optimizer, shardings=shardings,
-              batch_sharding=batch_sharding, put_batch=put_batch, eval_step=eval_step)
+              batch_sharding=batch_sharding, put_batch=put_batch, eval_step=eval_step,
+              sequence=sequence, train_rows=train_rows, data_shard=data_shard,
+              data_shards=data_shards)
 
 
 def load_eval_batches(run: Run) -> dict:
-  """Each eval task's validation batches: this process's rows of each global batch."""
-  n, i = jax.process_count(), jax.process_index()
+  """Each eval task's validation batches, whole (every process loads them all: they are small,
+  and the metrics compare them with the gathered outputs)."""
   rows = run.train.batch_size // run.train.grad_accum_steps
-  per = rows // n
-  return {
-      task: [{k: v[i * per:(i + 1) * per] for k, v in batch.items()}
-             for batch in make_eval_batches(run.data, task, rows, run.train.eval_batches)]
-      for task in run.data.eval_tasks
-  }
+  return {task: make_eval_batches(run.data, task, rows, run.train.eval_batches)
+          for task in run.data.eval_tasks}
 
 
 def _install_sigterm():
@@ -141,8 +170,8 @@ def train(workdir: str, run: Run | None = None) -> dict:
   b = build(run)
   seq_len = run.data.sequence_length
   ckpt = Checkpointer(workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
-  data = make_train_iterator(run.data, cfg.batch_size // jax.process_count(),
-                             shard_index=jax.process_index(), num_shards=jax.process_count())
+  data = make_train_iterator(run.data, cfg.batch_size // b["data_shards"],
+                             shard_index=b["data_shard"], num_shards=b["data_shards"])
   if is_main:  # after every configurable (data tasks included) has been read, before compiling
     with open(os.path.join(workdir, "config.gin"), "w") as f:
       f.write(gin.operative_config_str())
@@ -203,7 +232,7 @@ def train(workdir: str, run: Run | None = None) -> dict:
         summary["preempted"] = True
         print(f"\nSIGTERM: saved checkpoint at step {step}, exiting.")
         break
-      state, metrics = step_fn(state, b["put_batch"](next(data)))
+      state, metrics = step_fn(state, b["put_batch"](next(data), cfg.batch_size))
       step += 1
       steps_since += 1
       pending.append((step, metrics))
@@ -226,7 +255,7 @@ def train(workdir: str, run: Run | None = None) -> dict:
 
       if step % cfg.eval_every == 0 or step == cfg.steps:
         drain()
-        results = evaluate(b["eval_step"], state["params"], eval_batches, b["put_batch"])
+        results = evaluate(b["eval_step"], state["params"], eval_batches)
         writer.write(step, results)
         summary["eval"] = results
         t_last = time.perf_counter()  # eval time is not training throughput

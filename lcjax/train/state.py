@@ -13,11 +13,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lcjax.models.config import ModelConfig
 from lcjax.models.lm import LM
 from lcjax.parallel import sharding
+from lcjax.parallel.sequence import SequenceSharding
 
 
-def model_skeleton(cfg: ModelConfig):
-  """(graphdef, abstract params State with logical_axes metadata), without allocating."""
-  abstract = nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(0)))
+def model_skeleton(cfg: ModelConfig, sequence: SequenceSharding | None = None):
+  """(graphdef, abstract params State with logical_axes metadata), without allocating.
+
+  `sequence` (rows split over devices) lives in the graphdef: it changes how the forward runs,
+  not the parameters."""
+  abstract = nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(0), sequence=sequence))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   if jax.tree.leaves(rest):
     raise ValueError(f"LM holds non-parameter state the train step would drop: {rest}")

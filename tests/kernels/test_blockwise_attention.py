@@ -11,9 +11,13 @@ import numpy as np
 import pytest
 
 from lcjax.kernels.attention import reference_attention
+from lcjax.kernels.blockwise_attention import (
+  blockwise_attention,
+  blockwise_bwd,
+  blockwise_fwd,
+  fully_masked,
+)
 from lcjax.kernels.mask import Tokens, row_tokens
-from lcjax.kernels.blockwise_attention import (blockwise_attention, blockwise_bwd, blockwise_fwd,
-                                               fully_masked)
 from tests.kernels.test_attention import positions_of, random_segments
 
 # float32, both sides: the same sums in another order (seen: <= 7e-7 relative to the largest

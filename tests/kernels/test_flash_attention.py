@@ -16,8 +16,14 @@ import numpy as np
 import pytest
 
 from lcjax.kernels.attention import reference_attention
+from lcjax.kernels.flash_attention import (
+  _schedule,
+  flash_attention,
+  flash_bwd,
+  flash_fwd,
+  supports,
+)
 from lcjax.kernels.mask import Tokens, row_tokens, visible
-from lcjax.kernels.flash_attention import _schedule, flash_attention, flash_bwd, flash_fwd, supports
 from tests.kernels.test_attention import positions_of
 
 F32_TOL = 1e-5  # float32 forward and gradients (seen: <= 6e-7 over 12 seeds)

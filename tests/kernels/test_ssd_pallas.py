@@ -17,8 +17,15 @@ from jax.experimental.pallas import tpu as pltpu
 
 from lcjax.kernels.ssd import ssd_chunked, ssd_reference
 from lcjax.kernels.ssd_pallas import ssd_pallas, supports
-from tests.kernels.test_ssd import (BF16_GRAD_TOL, BF16_TOL, F32_GRAD_TOL, F32_TOL, assert_close,
-                                    random_inputs, random_segments)
+from tests.kernels.test_ssd import (
+  BF16_GRAD_TOL,
+  BF16_TOL,
+  F32_GRAD_TOL,
+  F32_TOL,
+  assert_close,
+  random_inputs,
+  random_segments,
+)
 
 # F32_GRAD_TOL is 10x F32_TOL: gradients, dA most of all, sum rounding over every position; the
 # bf16 tolerances are test_ssd's too (the matmul operands are bf16 the same way as ssd_chunked's).

@@ -15,10 +15,14 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from lcjax.kernels.ssd import ssd_chunked, ssd_reference
 from lcjax.kernels.conv import causal_conv
+from lcjax.kernels.ssd import ssd_chunked, ssd_reference
 from lcjax.parallel import layout as layouts
-from lcjax.parallel.ssd_sharded import (sharded_causal_conv, sharded_ssd, sharded_ssd_shard)
+from lcjax.parallel.ssd_sharded import (
+  sharded_causal_conv,
+  sharded_ssd,
+  sharded_ssd_shard,
+)
 from tests.kernels.test_ssd import assert_close, random_inputs
 
 # Sharded vs one device (chunked or scan), float32: the same arithmetic but for the incoming

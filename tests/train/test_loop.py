@@ -11,8 +11,14 @@ import pytest
 
 from lcjax.train.checkpoint import CheckpointError
 from lcjax.train.loop import NonFiniteLossError
-from tests.train.runs import (bindings, read_jsonl, start_cli, train_in_process, train_losses,
-                              wait_for_step)
+from tests.train.runs import (
+  bindings,
+  read_jsonl,
+  start_cli,
+  train_in_process,
+  train_losses,
+  wait_for_step,
+)
 
 
 def test_tiny_run_learns_and_writes_outputs(tmp_path):
