@@ -79,6 +79,24 @@ def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules):
   return nnx.to_pure_dict(shardings)
 
 
+def describe(abstract_params: nnx.State, mesh: Mesh, rules) -> str:
+  """The mesh, the rules, and each kind of parameter (block numbers folded) with its logical
+  axes, global shape and per-device shape: printed at the start of a run."""
+  lines = [f"mesh {dict(mesh.shape)}", "logical axis rules:"]
+  lines += [f"  {name:>10} -> {axes}" for name, axes in rules]
+  lines.append("parameters (kind: logical axes, global shape -> per-device shape):")
+  kinds = {}
+  for path, var in jax.tree_util.tree_leaves_with_path(
+      abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    kind = ".".join("*" if isinstance(getattr(k, "key", k), int) else str(getattr(k, "key", k))
+                    for k in path)
+    axes = var.get_metadata().get("logical_axes")
+    local = tuple(size // _axis_size(mesh, mesh_axes)
+                  for size, mesh_axes in zip(var.value.shape, spec(axes, rules)))
+    kinds.setdefault(kind, f"  {kind}: {axes}, {tuple(var.value.shape)} -> {local}")
+  return "\n".join(lines + sorted(kinds.values()))
+
+
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   """Sharding of `[batch, seq]` arrays."""
   return NamedSharding(mesh, spec(BATCH_AXES, rules))

@@ -175,6 +175,11 @@ def train(workdir: str, run: Run | None = None) -> dict:
   if is_main:  # after every configurable (data tasks included) has been read, before compiling
     with open(os.path.join(workdir, "config.gin"), "w") as f:
       f.write(gin.operative_config_str())
+    print(sharding.describe(b["abstract_params"], b["mesh"], b["rules"]))
+    if b["sequence"] is not None:
+      seq = b["sequence"]
+      print(f"sequence parallel: {seq.shards} shards over '{seq.seq_axis}', layout "
+            f"{seq.layout!r}, attention {seq.config.attention!r}")
   abstract = train_state.abstract_state(b["abstract_params"], b["optimizer"])
   start = ckpt.latest_step()
   if start is None:

@@ -43,3 +43,15 @@ def test_batch_sharding_spans_data_and_fsdp():
   assert sharding.batch_sharding(mesh, sharding.DEFAULT_RULES).spec == P(("data", "fsdp"), "sequence")
   with pytest.raises(ValueError, match="Sequence length 102 is not divisible"):
     sharding.check_batch(8, 102, make_mesh(MeshConfig(data=2, sequence=4)), sharding.DEFAULT_RULES)
+
+
+def test_describe_prints_rules_and_per_device_shapes():
+  from lcjax.models.config import ModelConfig
+  from lcjax.train.state import model_skeleton
+  _, params = model_skeleton(ModelConfig(pattern="M*-", mamba_headdim=32, mamba_d_state=16))
+  mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
+  text = sharding.describe(params, mesh, sharding.DEFAULT_RULES)
+  assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 4, 'sequence': 1}" in text
+  # embed (128) over fsdp=2, heads (4) over tensor=4; block numbers folded into one kind.
+  assert "blocks.*.mixer.q: ('embed', 'heads', 'head_dim'), (128, 4, 32) -> (64, 1, 32)" in text
+  assert "blocks.*.mixer.in_x: ('embed', 'ssm_inner'), (128, 256) -> (64, 64)" in text

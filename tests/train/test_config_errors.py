@@ -64,3 +64,17 @@ def test_wrong_type_in_a_data_task_config_names_the_binding():
   parse_gin([DEMO_GIN], ["MqarConfig.num_pairs = 8.5"])
   with pytest.raises(TypeError, match=r"MqarConfig\.num_pairs"):
     MqarConfig()
+
+
+def test_sequence_length_the_layout_cannot_split():
+  # 120 tokens split over 8 sequence shards is fine contiguously, but zigzag needs 2 x 8 chunks.
+  parse_gin([DEMO_GIN], TINY + ["DataConfig.sequence_length = 120", "MeshConfig.data = 1",
+                                "MeshConfig.sequence = 8", "SequenceConfig.layout = 'zigzag'"])
+  with pytest.raises(ValueError, match="120 cannot be split in the 'zigzag' layout.*multiple of 16"):
+    build(Run.from_gin())
+
+
+def test_unknown_sequence_layout_names_the_binding():
+  parse_gin([DEMO_GIN], TINY + ["SequenceConfig.layout = 'diagonal'"])
+  with pytest.raises(ValueError, match="SequenceConfig.layout='diagonal'"):
+    build(Run.from_gin())

@@ -1,0 +1,350 @@
+"""Sequence parallelism, compile-only: what splitting one row over N devices buys per device.
+
+One train step of a small hybrid model (batch 1 row) is lowered and compiled for 8 fake CPU
+devices; nothing runs. Four markdown tables (recorded in bench/README.md):
+
+  1. Per-device memory at a fixed row length as the `sequence` mesh axis grows 1 -> 2 -> 4 -> 8
+     (mesh data=1, sequence=N, the first N devices).
+  2. The longest row (a power of two) whose step fits a per-device memory budget, on 1 device
+     and on N = 8.
+  3. A 1M-token row on the 8-device mesh: per-device memory and compile time.
+  4. Bytes communicated per step, ring vs all-gather attention, from the compiled HLO.
+
+Memory is XLA's `memory_analysis` of the compiled (per-device, SPMD) program: arguments (the
+train state and this device's slice of the batch), outputs, temporaries, and "peak" = arguments
++ outputs + temporaries - donated aliases, as bench/step_cost.py reports it. It is the buffer
+assignment's total, deterministic on CPU; a real device adds its runtime's own overhead.
+
+One device has no sequence sharding, so its attention runs the model's own kernel: the step
+sets ModelConfig.attention_impl = "blockwise" (the same flash-style kernel, and block size, that
+ring attention runs per kv block) everywhere, rather than the CPU default "reference", whose
+[seq, seq] scores would dwarf everything else.
+
+    python bench/sequence_parallel.py [--gin_file=configs/demo.gin
+        --gin_file=configs/models/hybrid_tiny.gin] [--seq_len=32768] [--shards=1,2,4,8]
+        [--budget_gib=2] [--search=8192,1048576] [--long=1048576] [--layout=zigzag]
+        [--skip=...]
+"""
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+from unittest import mock
+
+DEVICES = 8  # fake CPU devices: the largest sequence axis measured
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + f" --xla_force_host_platform_device_count={DEVICES}").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import gin  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from lcjax.config import parse_gin  # noqa: E402
+from lcjax.models.config import num_params  # noqa: E402
+from lcjax.parallel import mesh as mesh_lib  # noqa: E402
+from lcjax.train import loop  # noqa: E402
+from lcjax.train import state as train_state  # noqa: E402
+from lcjax.train.step import make_train_step  # noqa: E402
+
+MiB = 2**20
+
+
+@dataclasses.dataclass
+class Step:
+  """One compiled train step: per-device bytes from memory_analysis, and its collectives."""
+  shards: int
+  seq_len: int
+  attention: str
+  arguments: int
+  outputs: int
+  aliased: int
+  temp: int
+  compile_s: float
+  comm: dict  # (part, collective kind) -> bytes per device per step; see `collective_bytes`
+
+  @property
+  def peak(self) -> int:
+    return self.arguments + self.outputs + self.temp - self.aliased
+
+
+def compile_step(base: loop.Run, seq_len: int, shards: int, attention: str,
+                 layout: str) -> Step:
+  """Lowers and compiles the loop's train step for one row of `seq_len` tokens split over the
+  first `shards` devices (mesh data=1, sequence=shards)."""
+  run = dataclasses.replace(
+      base,
+      model=dataclasses.replace(base.model, attention_impl="blockwise"),
+      data=dataclasses.replace(base.data, sequence_length=seq_len),
+      train=dataclasses.replace(base.train, batch_size=1, grad_accum_steps=1),
+      mesh_config=mesh_lib.MeshConfig(data=1, fsdp=1, tensor=1, sequence=shards))
+  # build() reads SequenceConfig from gin and makes its mesh over every device: give it these.
+  gin.bind_parameter("SequenceConfig.attention", attention)
+  gin.bind_parameter("SequenceConfig.layout", layout)
+  devices = jax.devices()[:shards]
+  with mock.patch.object(loop, "make_mesh", lambda cfg: mesh_lib.make_mesh(cfg, devices)):
+    b = loop.build(run)
+  # As `loop.train` jits it.
+  step_fn = jax.jit(
+      make_train_step(b["graphdef"], b["optimizer"], b["schedule"], 1),
+      in_shardings=(b["shardings"], b["batch_sharding"]),
+      out_shardings=(b["shardings"], NamedSharding(b["mesh"], PartitionSpec())),
+      donate_argnums=0)
+  abstract = train_state.abstract_state(b["abstract_params"], b["optimizer"])
+  tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+  batch = {k: tokens for k in ("inputs", "targets", "segment_ids", "positions")}
+  batch["loss_weights"] = jax.ShapeDtypeStruct((1, seq_len), jnp.float32)
+  start = time.perf_counter()
+  compiled = step_fn.lower(abstract, batch).compile()
+  compile_s = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  return Step(shards, seq_len, attention, mem.argument_size_in_bytes, mem.output_size_in_bytes,
+              mem.alias_size_in_bytes, mem.temp_size_in_bytes, compile_s,
+              collective_bytes(compiled.as_text()) if shards > 1 else {})
+
+
+# --- bytes communicated, from the compiled HLO text ---
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+               "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([^\s(]+)\s*\(.*->.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(\S+)\s*=\s*(.*)$")
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+_CALLED = re.compile(r"\b(?:body|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_SOURCE = re.compile(r'source_file="([^"]*)"')
+
+
+def _split_shape(rest: str) -> tuple[str, str]:
+  """'(f32[2]{0}, s32[]) op(...), ...' -> (the shape, 'op(...), ...'); tuples may nest."""
+  if not rest.startswith("("):
+    shape, _, tail = rest.partition(" ")
+    return shape, tail
+  depth = 0
+  for i, c in enumerate(rest):
+    depth += {"(": 1, ")": -1}.get(c, 0)
+    if depth == 0:
+      return rest[:i + 1], rest[i + 1:].lstrip()
+  raise ValueError(f"Unbalanced shape in HLO line: {rest[:200]}")
+
+
+def _arrays(shape: str) -> list[int]:
+  """Bytes of each array in a (possibly tuple) HLO shape, in order."""
+  out = []
+  for dtype, dims in _ARRAY.findall(shape):
+    if dtype not in DTYPE_BYTES:
+      continue  # token[] and the like
+    n = 1
+    for d in filter(None, dims.split(",")):
+      n *= int(d)
+    out.append(n * DTYPE_BYTES[dtype])
+  return out
+
+
+def _result_bytes(opcode: str, shape: str) -> int:
+  """Bytes a collective leaves on one device. A `-start` op's tuple holds its operands, then
+  its results, then (collective-permute) u32 context scalars: count the results only."""
+  sizes = _arrays(shape)
+  if not opcode.endswith("-start") or not shape.startswith("("):
+    return sum(sizes)
+  if opcode.startswith("collective-permute"):
+    sizes = sizes[:len(sizes) - 2] if len(sizes) > 2 else sizes
+  return sum(sizes[len(sizes) // 2:])
+
+
+def _part(line: str) -> str:
+  """Which part of the model issued a collective, from its source file in the HLO metadata."""
+  source = _SOURCE.search(line)
+  source = os.path.basename(source.group(1)) if source else ""
+  if source == "ring_attention.py":
+    return "attention"
+  if source == "ssd_sharded.py":
+    return "Mamba-2"
+  return "rest"
+
+
+def collective_bytes(hlo: str) -> dict:
+  """{(part, kind): bytes per device per step} over the entry computation of compiled HLO text.
+
+  A collective counts its result shape's bytes (for all-gather the whole gathered buffer, own
+  shard included; for reduce-scatter the shard). Collectives in a while loop count once per
+  iteration (XLA's known_trip_count; an unknown count is taken as 1 and reported on stderr),
+  nested loops multiply, a conditional counts its costliest branch, and other called
+  computations (fusions, calls, async wrappers) count once per call.
+  """
+  computations, entry, current = {}, None, None
+  for line in hlo.splitlines():
+    header = _HEADER.match(line)
+    if header:
+      current = computations.setdefault(header.group(1), [])
+      if line.startswith("ENTRY"):
+        entry = header.group(1)
+    elif line.strip() == "}":
+      current = None
+    elif current is not None and _INSTRUCTION.match(line):
+      current.append(line)
+  if entry is None:
+    raise ValueError("No ENTRY computation in the HLO text.")
+  memo = {}
+
+  def cost(name: str) -> collections.Counter:
+    if name in memo:
+      return memo[name]
+    total = collections.Counter()
+    for line in computations.get(name, ()):
+      shape, rest = _split_shape(_INSTRUCTION.match(line).group(2))
+      opcode = rest.partition("(")[0].strip()
+      base = opcode.removesuffix("-start")
+      if base in COLLECTIVES:
+        total[(_part(line), base)] += _result_bytes(opcode, shape)
+        continue
+      if opcode == "while":
+        trips = _TRIP_COUNT.search(line)
+        if trips is None:
+          print(f"warning: a while loop without known_trip_count, counted once: {line[:120]}",
+                file=sys.stderr)
+        n = int(trips.group(1)) if trips else 1
+        for called in _CALLED.findall(line):  # the body
+          total.update({k: n * v for k, v in cost(called).items()})
+        continue
+      if opcode == "conditional":
+        branches = _BRANCHES.search(line)
+        names = ([b.strip().lstrip("%") for b in branches.group(1).split(",")] if branches
+                 else _CALLED.findall(line))
+        total.update(max((cost(b) for b in names), key=lambda c: sum(c.values()),
+                         default=collections.Counter()))
+        continue
+      for called in _CALLED.findall(line):
+        total.update(cost(called))
+    memo[name] = total
+    return total
+
+  return dict(cost(entry))
+
+
+# --- the tables ---
+
+
+def mib(x: float) -> str:
+  return f"{x / MiB:.0f}" if x >= 10 * MiB else f"{x / MiB:.1f}"
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--gin_file", action="append", default=None,
+                 help="gin files (default: configs/demo.gin, then\n"
+                      "configs/models/hybrid_tiny.gin for the model)")
+  p.add_argument("--gin_bindings", action="append", default=[])
+  p.add_argument("--seq_len", type=int, default=32768,
+                 help="row length of tables 1 and 4 (default 32768)")
+  p.add_argument("--shards", default="1,2,4,8",
+                 help=f"sequence axis sizes of table 1 (at most {DEVICES}); the largest is\n"
+                      "also tables 2-4's N (default 1,2,4,8)")
+  p.add_argument("--budget_gib", type=float, default=2.0,
+                 help="table 2's per-device budget on peak memory, GiB (default 2)")
+  p.add_argument("--search", default="8192,1048576",
+                 help="table 2's lowest and highest power-of-two lengths (default 8192,1048576)")
+  p.add_argument("--long", type=int, default=1048576,
+                 help="table 3's row length on the largest mesh (default 1048576)")
+  p.add_argument("--layout", default="zigzag", help="SequenceConfig.layout (default zigzag)")
+  p.add_argument("--skip", default="", help="tables to leave out, e.g. --skip=2,3")
+  args = p.parse_args()
+  shard_counts = [int(s) for s in args.shards.split(",")]
+  if max(shard_counts) > DEVICES:
+    raise SystemExit(f"--shards: at most {DEVICES} devices (this script fakes {DEVICES}).")
+  n_max = max(shard_counts)
+  skip = set(filter(None, args.skip.split(",")))
+  parse_gin(args.gin_file or ["configs/demo.gin", "configs/models/hybrid_tiny.gin"],
+            args.gin_bindings)
+  base = loop.Run.from_gin()
+  m = base.model
+  print(f"model: pattern={m.pattern} d_model={m.d_model} attention heads={m.num_heads}/"
+        f"{m.num_kv_heads}x{m.head_dim} mamba d_state={m.mamba_d_state} "
+        f"headdim={m.mamba_headdim} chunk={m.mamba_chunk_size} dtype={m.compute_dtype} "
+        f"remat={m.remat} params={num_params(m):,}; batch 1 row; layout {args.layout}; "
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; jax {jax.__version__}\n")
+
+  steps = {}
+
+  def step(seq_len, shards, attention="ring") -> Step:
+    key = (seq_len, shards, attention if shards > 1 else "-")
+    if key not in steps:
+      steps[key] = compile_step(base, seq_len, shards, attention, args.layout)
+      s = steps[key]
+      print(f"  compiled {seq_len} tokens / {shards} devices / {key[2]}: peak {mib(s.peak)} "
+            f"MiB, {s.compile_s:.0f} s", file=sys.stderr, flush=True)
+    return steps[key]
+
+  if "1" not in skip:
+    print(f"### 1. Per-device memory, {args.seq_len} tokens, ring attention\n")
+    print("| sequence shards | tokens/device | arguments MiB | outputs MiB | aliased MiB "
+          "| temp MiB | peak MiB | peak x N / peak(1) | compile s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    one = step(args.seq_len, 1).peak if 1 in shard_counts else None
+    for n in shard_counts:
+      s = step(args.seq_len, n)
+      ratio = f"{s.peak * n / one:.2f}" if one else "-"
+      print(f"| {n} | {args.seq_len // n} | {mib(s.arguments)} | {mib(s.outputs)} "
+            f"| {mib(s.aliased)} | {mib(s.temp)} | {mib(s.peak)} | {ratio} "
+            f"| {s.compile_s:.0f} |", flush=True)
+    print()
+
+  if "2" not in skip:
+    budget = args.budget_gib * 2**30
+    lo, hi = (int(x).bit_length() - 1 for x in args.search.split(","))
+    print(f"### 2. Longest power-of-two row with peak <= {args.budget_gib:g} GiB per device\n")
+    print("| sequence shards | longest row | its peak MiB | 2x that row: peak MiB "
+          "| compiles |")
+    print("|---:|---:|---:|---:|---:|")
+    for n in sorted({1, n_max}):
+      before = len(steps)
+      # Binary search over the exponent: peak memory grows with the row length.
+      fits = lambda e: step(2**e, n).peak <= budget  # noqa: E731
+      a, b = lo - 1, hi + 1  # fits(a) assumed, fits(b) assumed false
+      while b - a > 1:
+        mid = (a + b) // 2
+        a, b = (mid, b) if fits(mid) else (a, mid)
+      best = f"{2**a}" if a >= lo else f"< {2**lo}"
+      its = mib(step(2**a, n).peak) if a >= lo else "-"
+      over = mib(step(2**b, n).peak) if b <= hi else f"(> {2**hi} not tried)"
+      print(f"| {n} | {best} | {its} | {over} | {len(steps) - before} |", flush=True)
+    print()
+
+  if "3" not in skip:
+    s = step(args.long, n_max)
+    print(f"### 3. {args.long} tokens on {n_max} devices, ring attention\n")
+    print("| tokens/device | arguments MiB | outputs MiB | aliased MiB | temp MiB | peak MiB "
+          "| compile s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| {args.long // n_max} | {mib(s.arguments)} | {mib(s.outputs)} | {mib(s.aliased)} "
+          f"| {mib(s.temp)} | {mib(s.peak)} | {s.compile_s:.0f} |\n", flush=True)
+
+  if "4" not in skip and n_max > 1:
+    methods = {a: step(args.seq_len, n_max, a) for a in ("ring", "allgather")}
+    print(f"### 4. Bytes communicated per step per device, {args.seq_len} tokens on {n_max} "
+          "devices (MiB of collective results)\n")
+    kinds = sorted({k for s in methods.values() for k in s.comm})
+    print("| part | collective | ring MiB | allgather MiB |")
+    print("|---|---|---:|---:|")
+    for part, kind in kinds:
+      print(f"| {part} | {kind} | "
+            + " | ".join(mib(s.comm.get((part, kind), 0)) for s in methods.values()) + " |")
+    print("| **total** | | "
+          + " | ".join(f"**{mib(sum(s.comm.values()))}**" for s in methods.values()) + " |")
+    print()
+    print("peak MiB per device: " + json.dumps({a: round(s.peak / MiB) for a, s in
+                                                methods.items()}))
+
+
+if __name__ == "__main__":
+  main()
