@@ -123,6 +123,11 @@ _CALLED = re.compile(r"\b(?:body|calls|to_apply|true_computation|false_computati
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _SOURCE = re.compile(r'source_file="([^"]*)"')
+_FRAME = re.compile(r"stack_frame_id=(\d+)")
+_GROUPS = re.compile(r"replica_groups=(\{[{}0-9,]*\}|\[\d+,(\d+)\]<=)")
+# Which part of the model a collective belongs to, by the file of its innermost source frame.
+PARTS = {"ring_attention.py": "attention", "blockwise_attention.py": "attention",
+         "ssd_sharded.py": "Mamba-2", "ssd.py": "Mamba-2", "conv.py": "Mamba-2"}
 
 
 def _split_shape(rest: str) -> tuple[str, str]:
@@ -162,26 +167,57 @@ def _result_bytes(opcode: str, shape: str) -> int:
   return sum(sizes[len(sizes) // 2:])
 
 
-def _part(line: str) -> str:
-  """Which part of the model issued a collective, from its source file in the HLO metadata."""
+def _frame_files(hlo: str) -> dict[int, str]:
+  """{stack frame id: source file} from the tables that head newer HLO text (FileNames,
+  FileLocations, StackFrames; metadata then names a frame instead of a file)."""
+  tables, section = collections.defaultdict(dict), None
+  for line in hlo.splitlines():
+    if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      section = line
+    elif section and (row := re.match(r"^(\d+) (.*)$", line)):
+      tables[section][int(row.group(1))] = row.group(2)
+    elif section and line.strip():
+      break  # the first computation
+  files = {i: name.strip('"') for i, name in tables["FileNames"].items()}
+  location_file = {i: int(re.search(r"file_name_id=(\d+)", v).group(1))
+                   for i, v in tables["FileLocations"].items()}
+  return {i: files.get(location_file.get(int(re.search(r"file_location_id=(\d+)", v).group(1))),
+                       "")
+          for i, v in tables["StackFrames"].items()}
+
+
+def _part(line: str, frame_files: dict[int, str]) -> str:
+  """'attention', 'Mamba-2' or 'rest', from the collective's innermost source file. XLA
+  combines small all-reduces into one op that keeps one member's metadata: the gradient
+  all-reduce of the replicated parameters lands wherever its first member came from."""
   source = _SOURCE.search(line)
-  source = os.path.basename(source.group(1)) if source else ""
-  if source == "ring_attention.py":
-    return "attention"
-  if source == "ssd_sharded.py":
-    return "Mamba-2"
-  return "rest"
+  frame = _FRAME.search(line)
+  path = source.group(1) if source else frame_files.get(int(frame.group(1)), "") if frame else ""
+  return PARTS.get(os.path.basename(path), "rest")
+
+
+def _moves_data(line: str) -> bool:
+  """False for a collective over groups of one device (e.g. the psum of a size-1 mesh axis that
+  shard_map's transpose emits): XLA keeps them as copies, nothing leaves the device."""
+  groups = _GROUPS.search(line)
+  if groups is None:
+    return True  # collective-permute, or every device in one group
+  if groups.group(2) is not None:  # iota form [groups, size]<=[...]
+    return int(groups.group(2)) > 1
+  return any("," in g for g in re.findall(r"\{([0-9,]*)\}", groups.group(1)))
 
 
 def collective_bytes(hlo: str) -> dict:
   """{(part, kind): bytes per device per step} over the entry computation of compiled HLO text.
 
   A collective counts its result shape's bytes (for all-gather the whole gathered buffer, own
-  shard included; for reduce-scatter the shard). Collectives in a while loop count once per
-  iteration (XLA's known_trip_count; an unknown count is taken as 1 and reported on stderr),
-  nested loops multiply, a conditional counts its costliest branch, and other called
-  computations (fusions, calls, async wrappers) count once per call.
+  shard included; for reduce-scatter the shard); collectives over one-device groups count
+  nothing. Collectives in a while loop count once per iteration (XLA's known_trip_count; an
+  unknown count is taken as 1 and reported on stderr), nested loops multiply, a conditional
+  counts its costliest branch, and other called computations (fusions, calls, async wrappers)
+  count once per call. Loop conditions only compare the counter: they are not walked.
   """
+  frame_files = _frame_files(hlo)
   computations, entry, current = {}, None, None
   for line in hlo.splitlines():
     header = _HEADER.match(line)
@@ -206,7 +242,8 @@ def collective_bytes(hlo: str) -> dict:
       opcode = rest.partition("(")[0].strip()
       base = opcode.removesuffix("-start")
       if base in COLLECTIVES:
-        total[(_part(line), base)] += _result_bytes(opcode, shape)
+        if _moves_data(line):
+          total[(_part(line, frame_files), base)] += _result_bytes(opcode, shape)
         continue
       if opcode == "while":
         trips = _TRIP_COUNT.search(line)

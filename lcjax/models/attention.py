@@ -75,7 +75,8 @@ class Attention(nnx.Module):
     q, k, v = self._qkv(x, positions)
     if self.sequence is not None:  # rows split over devices: ring / all-gather attention
       return self._out(self.sequence.attention(q, k, v, segment_ids, positions,
-                                               window=self.window, sinks=self.sinks))
+                                               window=self.window, sinks=self.sinks,
+                                               impl=self.impl))
     return self._out(attention(q, k, v, segment_ids, positions, window=self.window,
                                sinks=self.sinks, impl=self.impl))
 

@@ -17,6 +17,11 @@ skips the N-1-d steps that bring it later blocks, so the last device does all th
 and striped give every device about the same amount. The mask compares `Tokens.index`, the
 original token order, so any layout gives the same result.
 
+The per-block work is a kernel of `lcjax.kernels` that returns the log-sum-exp: `blockwise`
+(plain JAX, any backend) or `pallas` (the Pallas flash kernel; interpret mode on CPU), picked by
+`kernel` (the model passes its `attention_impl`: "pallas" selects the kernel, anything else the
+blockwise path).
+
 `ring_attention_shard` and `allgather_attention_shard` run inside `jax.shard_map`;
 `sequence_attention` wraps them for global arrays.
 """
@@ -36,10 +41,23 @@ from lcjax.kernels.blockwise_attention import (
   blockwise_fwd,
   fully_masked,
 )
+from lcjax.kernels.flash_attention import flash_attention, flash_bwd, flash_fwd
 from lcjax.kernels.mask import Tokens, check_mask_args
 from lcjax.parallel.layout import check_layout, shard_index
 
 f32 = jnp.float32
+
+
+def _block_kernels(kernel: str):
+  """(fwd, bwd, attention) for the per-block work; see the module doc."""
+  if kernel == "pallas":
+    interpret = jax.default_backend() == "cpu"  # no Pallas compiler there
+    return (functools.partial(flash_fwd, interpret=interpret),
+            functools.partial(flash_bwd, interpret=interpret),
+            functools.partial(flash_attention, interpret=interpret))
+  if kernel == "blockwise":
+    return blockwise_fwd, blockwise_bwd, blockwise_attention
+  raise ValueError(f"Unknown per-block attention kernel {kernel!r}: 'blockwise' or 'pallas'.")
 
 
 def _merge(a, b):
@@ -60,17 +78,22 @@ def _ring(axis_name):
   return n, [(i, (i + 1) % n) for i in range(n)]  # device i sends to i + 1
 
 
-def _ring_forward(q, k, v, q_tokens, kv_tokens, axis_name, window, sinks, block_q, block_kv):
+def _ring_forward(q, k, v, q_tokens, kv_tokens, axis_name, window, sinks, block_q, block_kv,
+                  kernel):
   """(out in q.dtype, lse float32) of the local queries over the keys of every device."""
   n, perm = _ring(axis_name)
+  block_fwd = _block_kernels(kernel)[0]
+  # Blockwise can hand its partial out over in float32 for the merge; the Pallas kernel's is in
+  # q.dtype (one rounding per block in bfloat16).
+  blocks = dict(block_q=block_q, block_kv=block_kv, out_dtype=f32) if (
+      kernel == "blockwise") else {}
 
   def add_block(acc, kv):
     k, v, kv_tokens = kv
 
     def attend(acc):
-      part = blockwise_fwd(q, k, v, q_tokens, kv_tokens, window=window, sinks=sinks,
-                           block_q=block_q, block_kv=block_kv, out_dtype=f32)
-      return _merge(acc, part)
+      out, lse = block_fwd(q, k, v, q_tokens, kv_tokens, window=window, sinks=sinks, **blocks)
+      return _merge(acc, (out.astype(f32), lse))
 
     skip = fully_masked(q_tokens, kv_tokens, window=window, sinks=sinks)
     return lax.cond(skip, lambda acc: acc, attend, acc)
@@ -89,30 +112,34 @@ def _ring_forward(q, k, v, q_tokens, kv_tokens, axis_name, window, sinks, block_
   return out.astype(q.dtype), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _ring_attention(q, k, v, q_tokens, kv_tokens, axis_name, window, sinks, block_q, block_kv):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _ring_attention(q, k, v, q_tokens, kv_tokens, axis_name, window, sinks, block_q, block_kv,
+                    kernel):
   return _ring_forward(q, k, v, q_tokens, kv_tokens, axis_name, window, sinks, block_q,
-                       block_kv)[0]
+                       block_kv, kernel)[0]
 
 
 def _ring_attention_fwd(q, k, v, q_tokens, kv_tokens, axis_name, window, sinks, block_q,
-                        block_kv):
+                        block_kv, kernel):
   out, lse = _ring_forward(q, k, v, q_tokens, kv_tokens, axis_name, window, sinks, block_q,
-                           block_kv)
+                           block_kv, kernel)
   return out, (q, k, v, q_tokens, kv_tokens, out, lse)
 
 
-def _ring_attention_bwd(axis_name, window, sinks, block_q, block_kv, residuals, dout):
+def _ring_attention_bwd(axis_name, window, sinks, block_q, block_kv, kernel, residuals, dout):
   q, k, v, q_tokens, kv_tokens, out, lse = residuals
   n, perm = _ring(axis_name)
+  block_bwd = _block_kernels(kernel)[1]
+  blocks = dict(block_q=block_q, block_kv=block_kv) if kernel == "blockwise" else {}
 
   def add_block(dq, kv, dkv):
     k, v, kv_tokens = kv
 
     def grads():
       # The global out and lse: this gives the block's share of dq and its full dk, dv.
-      return blockwise_bwd(q, k, v, q_tokens, kv_tokens, out, lse, dout, window=window,
-                           sinks=sinks, block_q=block_q, block_kv=block_kv)
+      grads = block_bwd(q, k, v, q_tokens, kv_tokens, out, lse, dout, window=window,
+                        sinks=sinks, **blocks)
+      return tuple(g.astype(f32) for g in grads)
 
     def nothing():
       return jnp.zeros_like(dq), *(jnp.zeros_like(x) for x in dkv)
@@ -142,7 +169,8 @@ _ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
 
 def ring_attention_shard(q: jax.Array, k: jax.Array, v: jax.Array, q_tokens: Tokens,
                          kv_tokens: Tokens, *, axis_name: str, window: int | None = None,
-                         sinks: int = 0, block_q: int = 512, block_kv: int = 512) -> jax.Array:
+                         sinks: int = 0, block_q: int = 512, block_kv: int = 512,
+                         kernel: str = "blockwise") -> jax.Array:
   """Per device, inside `shard_map`: the attention of the local queries over the keys of all
   devices on `axis_name`. q `[batch, L, heads, head_dim]`, k, v `[batch, L, kv_heads,
   head_dim]`, Tokens `[batch, L]` (index: the original order). Returns out like q.
@@ -151,18 +179,19 @@ def ring_attention_shard(q: jax.Array, k: jax.Array, v: jax.Array, q_tokens: Tok
   """
   check_mask_args(window, sinks)
   return _ring_attention(q, k, v, q_tokens, kv_tokens, axis_name, window, sinks, block_q,
-                         block_kv)
+                         block_kv, kernel)
 
 
 def allgather_attention_shard(q: jax.Array, k: jax.Array, v: jax.Array, q_tokens: Tokens,
                               kv_tokens: Tokens, *, axis_name: str, window: int | None = None,
-                              sinks: int = 0, block_q: int = 512,
-                              block_kv: int = 512) -> jax.Array:
+                              sinks: int = 0, block_q: int = 512, block_kv: int = 512,
+                              kernel: str = "blockwise") -> jax.Array:
   """As `ring_attention_shard`, by gathering every device's k, v and kv Tokens first."""
   gather = functools.partial(lax.all_gather, axis_name=axis_name, axis=1, tiled=True)
   k, v, kv_tokens = gather(k), gather(v), jax.tree.map(gather, kv_tokens)
-  return blockwise_attention(q, k, v, q_tokens, kv_tokens, window=window, sinks=sinks,
-                             block_q=block_q, block_kv=block_kv)[0]
+  attend = _block_kernels(kernel)[2]
+  blocks = dict(block_q=block_q, block_kv=block_kv) if kernel == "blockwise" else {}
+  return attend(q, k, v, q_tokens, kv_tokens, window=window, sinks=sinks, **blocks)[0]
 
 
 METHODS = {"ring": ring_attention_shard, "allgather": allgather_attention_shard}
@@ -173,15 +202,17 @@ def sequence_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: ja
                        method: str = "ring", window: int | None = None, sinks: int = 0,
                        batch_axes=("data", "fsdp"), seq_axis: str = "sequence",
                        head_axis: str | None = "tensor", block_q: int = 512,
-                       block_kv: int = 512) -> jax.Array:
+                       block_kv: int = 512, kernel: str = "blockwise") -> jax.Array:
   """Self-attention of global arrays whose rows are split over `seq_axis` of `mesh`.
 
   q `[batch, seq, heads, head_dim]`, k, v `[batch, seq, kv_heads, head_dim]`, segment_ids and
   positions `[batch, seq]` int32, all already permuted into `layout` along seq (see
   `lcjax.parallel.layout.permute_batch`); positions None means one document per row. Batch is
   split over `batch_axes`, heads over `head_axis`; axes missing from the mesh are left out.
-  Returns out like q, in the same permuted order. `method`: a key of `METHODS`.
+  Returns out like q, in the same permuted order. `method`: a key of `METHODS`; `kernel`: the
+  per-block work, "blockwise" or "pallas".
   """
+  _block_kernels(kernel)  # fails early on an unknown kernel
   if method not in METHODS:
     raise ValueError(f"Unknown sequence attention method {method!r}; choose one of "
                      f"{sorted(METHODS)}.")
@@ -213,10 +244,11 @@ def sequence_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: ja
     # One document per row: a token's position is its original index.
     tokens = Tokens(segment_ids, index, index if positions is None else positions)
     return METHODS[method](q, k, v, tokens, tokens, axis_name=seq_axis, window=window,
-                           sinks=sinks, block_q=block_q, block_kv=block_kv)
+                           sinks=sinks, block_q=block_q, block_kv=block_kv, kernel=kernel)
 
   heads_spec = P(batch_axes, seq_axis, head_axis, None)
   rows = (segment_ids,) if positions is None else (segment_ids, positions)
   in_specs = (heads_spec,) * 3 + (P(batch_axes, seq_axis),) * len(rows)
-  return jax.shard_map(attend, mesh=mesh, in_specs=in_specs, out_specs=heads_spec)(
-      q, k, v, *rows)
+  # pallas_call outputs carry no varying-axes annotation, so shard_map cannot check them.
+  return jax.shard_map(attend, mesh=mesh, in_specs=in_specs, out_specs=heads_spec,
+                       check_vma=kernel != "pallas")(q, k, v, *rows)

@@ -98,13 +98,15 @@ class SequenceSharding:
   def _axes(self):
     return dict(mesh=self.mesh, batch_axes=self.batch_axes, seq_axis=self.seq_axis)
 
-  def attention(self, q, k, v, segment_ids, positions, *, window, sinks):
+  def attention(self, q, k, v, segment_ids, positions, *, window, sinks, impl):
     """q `[batch, seq, heads, head_dim]`, k, v `[batch, seq, kv_heads, head_dim]`, all in the
-    layout's order -> out like q."""
+    layout's order -> out like q. impl: the model's attention_impl; "pallas" runs the Pallas
+    kernel on each block, anything else the blockwise plain-JAX path."""
     block = self.config.block_size
     return sequence_attention(q, k, v, segment_ids, positions, layout=self.layout,
                               method=self.config.attention, window=window, sinks=sinks,
                               head_axis=self.head_axis, block_q=block, block_kv=block,
+                              kernel="pallas" if impl == "pallas" else "blockwise",
                               **self._axes())
 
   def mamba_layout(self) -> str:

@@ -312,8 +312,10 @@ def sharded_ssd(x, dt, A, B, C, segment_ids=None, *, mesh: Mesh, layout: str = "
     fn = local
     specs.append(P(batch_spec, seq_spec))
     args.append(segment_ids)
+  # pallas_call outputs carry no varying-axes annotation, so shard_map cannot check them.
   return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs),
-                       out_specs=P(batch_spec, seq_spec, head, None))(*args)
+                       out_specs=P(batch_spec, seq_spec, head, None),
+                       check_vma=impl != "pallas")(*args)
 
 
 def sharded_causal_conv(u, weight, bias, segment_ids=None, *, mesh: Mesh,

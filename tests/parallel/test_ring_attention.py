@@ -51,7 +51,8 @@ def reference(q, k, v, segment_ids, positions, dout, *, window, sinks):
 
 
 def check_against_reference(rng, mesh, layout, method, *, segments=True, window=None, sinks=0,
-                            batch=2, seq=64, heads=4, kv_heads=2, head_dim=8, block=4):
+                            batch=2, seq=64, heads=4, kv_heads=2, head_dim=8, block=4,
+                            kernel="blockwise"):
   shards = mesh.shape["sequence"]
   q = rng.standard_normal((batch, seq, heads, head_dim)).astype(np.float32)
   k, v = (rng.standard_normal((batch, seq, kv_heads, head_dim)).astype(np.float32)
@@ -71,7 +72,7 @@ def check_against_reference(rng, mesh, layout, method, *, segments=True, window=
   def run(q, k, v, segment_ids, positions, dout):
     attend = functools.partial(
         sequence_attention, segment_ids=segment_ids, mesh=mesh, layout=layout, method=method,
-        window=window, sinks=sinks, block_q=block, block_kv=block,
+        window=window, sinks=sinks, block_q=block, block_kv=block, kernel=kernel,
         # positions=None (one document per row) is sequence_attention's own default.
         positions=positions if segments else None)
     out, vjp = jax.vjp(attend, q, k, v)
@@ -122,6 +123,15 @@ def test_window_and_sinks(rng, layout, method):
   """A window longer than a shard but much shorter than the row: the ring skips the steps that
   bring only old keys, unless they hold sinks."""
   check_against_reference(rng, sequence_mesh(), layout, method, window=11, sinks=2)
+
+
+@pytest.mark.parametrize("method", ["ring", "allgather"])
+def test_pallas_kernel_for_the_per_block_work(rng, method):
+  """The Pallas flash kernel (interpret mode here) as each block's work: it returns the lse the
+  ring merges by, and its backward takes the merged out / lse."""
+  mesh = make_mesh(MeshConfig(data=2, sequence=4))
+  check_against_reference(rng, mesh, "zigzag", method, head_dim=16, window=20, sinks=2,
+                          kernel="pallas")
 
 
 def small_inputs(batch=2, seq=64, heads=4, kv_heads=2):

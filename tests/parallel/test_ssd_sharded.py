@@ -149,6 +149,25 @@ def test_sharded_ssd_without_segment_ids(rng, layout):
   assert_close(y, ssd_reference(x, dt, A, B, C)[0], F32_TOL, f"y, {layout}")
 
 
+def test_sharded_ssd_with_the_pallas_kernel(rng):
+  """The Pallas SSD (interpret mode here) as each shard's local work, forward and gradients."""
+  mesh, seq, layout = make_mesh({"data": 2, "sequence": 4}), 64, "zigzag"
+  (x, dt, A, B, C), _ = random_inputs(rng, batch=2, seq=seq, heads=4, groups=1, head_dim=16,
+                                      d_state=16)
+  args = tuple(map(jnp.asarray, (x, dt, A, B, C)))
+  seg = jnp.asarray(edge_segments(rng, 2, seq, piece_length(layout, seq, 4)))
+  projection = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  sharded = permuted(
+      lambda x, dt, A, B, C, seg: sharded_ssd(x, dt, A, B, C, seg, mesh=mesh, layout=layout,
+                                              chunk_size=16, impl="pallas"),
+      layout, 4, seq, along_seq=(0, 1, 3, 4))
+  y, grads = value_and_grads(sharded, args, seg, projection)
+  y_ref, grads_ref = value_and_grads(SINGLE_DEVICE_SSD["reference"], args, seg, projection)
+  assert_close(y, y_ref, F32_TOL, "y")
+  for name, g, g_ref in zip(GRAD_NAMES, grads, grads_ref):
+    assert_close(g, g_ref, F32_GRAD_TOL, f"d/d{name}")
+
+
 def test_mesh_without_sequence_axis(rng):
   """Batch and heads sharded, whole rows per device: plain `ssd` under shard_map."""
   mesh, seq = make_mesh({"data": 2, "tensor": 4}), 32
