@@ -29,7 +29,6 @@ ring attention runs per kv block) everywhere, rather than the CPU default "refer
 import argparse
 import collections
 import dataclasses
-import json
 import os
 import re
 import sys
@@ -186,10 +185,13 @@ def _frame_files(hlo: str) -> dict[int, str]:
           for i, v in tables["StackFrames"].items()}
 
 
-def _part(line: str, frame_files: dict[int, str]) -> str:
-  """'attention', 'Mamba-2' or 'rest', from the collective's innermost source file. XLA
-  combines small all-reduces into one op that keeps one member's metadata: the gradient
-  all-reduce of the replicated parameters lands wherever its first member came from."""
+def _part(opcode: str, line: str, frame_files: dict[int, str]) -> str:
+  """'gradients' for all-reduces, else 'attention', 'Mamba-2' or 'rest' by the collective's
+  innermost source file. With data=1 every all-reduce sums parameter gradients (and the loss)
+  over the sequence shards; XLA combines them into one op that keeps one member's metadata, so
+  their source file says nothing."""
+  if opcode.startswith("all-reduce"):
+    return "gradients"
   source = _SOURCE.search(line)
   frame = _FRAME.search(line)
   path = source.group(1) if source else frame_files.get(int(frame.group(1)), "") if frame else ""
@@ -243,7 +245,7 @@ def collective_bytes(hlo: str) -> dict:
       base = opcode.removesuffix("-start")
       if base in COLLECTIVES:
         if _moves_data(line):
-          total[(_part(line, frame_files), base)] += _result_bytes(opcode, shape)
+          total[(_part(opcode, line, frame_files), base)] += _result_bytes(opcode, shape)
         continue
       if opcode == "while":
         trips = _TRIP_COUNT.search(line)
@@ -296,6 +298,7 @@ def main():
   p.add_argument("--layout", default="zigzag", help="SequenceConfig.layout (default zigzag)")
   p.add_argument("--skip", default="", help="tables to leave out, e.g. --skip=2,3")
   args = p.parse_args()
+  start = time.perf_counter()
   shard_counts = [int(s) for s in args.shards.split(",")]
   if max(shard_counts) > DEVICES:
     raise SystemExit(f"--shards: at most {DEVICES} devices (this script fakes {DEVICES}).")
@@ -340,7 +343,7 @@ def main():
     budget = args.budget_gib * 2**30
     lo, hi = (int(x).bit_length() - 1 for x in args.search.split(","))
     print(f"### 2. Longest power-of-two row with peak <= {args.budget_gib:g} GiB per device\n")
-    print("| sequence shards | longest row | its peak MiB | 2x that row: peak MiB "
+    print("| sequence shards | longest row | its peak MiB | next power of two: peak MiB "
           "| compiles |")
     print("|---:|---:|---:|---:|---:|")
     for n in sorted({1, n_max}):
@@ -375,12 +378,13 @@ def main():
     print("|---|---|---:|---:|")
     for part, kind in kinds:
       print(f"| {part} | {kind} | "
-            + " | ".join(mib(s.comm.get((part, kind), 0)) for s in methods.values()) + " |")
+            + " | ".join(f"{s.comm.get((part, kind), 0) / MiB:.1f}" for s in methods.values())
+            + " |")
     print("| **total** | | "
-          + " | ".join(f"**{mib(sum(s.comm.values()))}**" for s in methods.values()) + " |")
-    print()
-    print("peak MiB per device: " + json.dumps({a: round(s.peak / MiB) for a, s in
-                                                methods.items()}))
+          + " | ".join(f"**{sum(s.comm.values()) / MiB:.1f}**" for s in methods.values()) + " |")
+    print("\npeak per device: " + ", ".join(f"{a} {mib(s.peak)} MiB" for a, s in methods.items())
+          + "\n")
+  print(f"{len(steps)} compiles, {time.perf_counter() - start:.0f} s in all")
 
 
 if __name__ == "__main__":

@@ -52,10 +52,11 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_tokens: Toke
           lse.reshape(batch, heads, q_seq))
 
 
-def _pallas(q, k, v, q_tokens, kv_tokens, *, window, sinks):
+def _pallas(q, k, v, q_tokens, kv_tokens, *, window, sinks, block_q=128, block_kv=128):
   # On CPU there is no Pallas compiler: interpret mode (slow; for tests).
   return flash_attention.flash_attention(q, k, v, q_tokens, kv_tokens, window=window,
-                                         sinks=sinks, interpret=jax.default_backend() == "cpu")
+                                         sinks=sinks, block_q=block_q, block_kv=block_kv,
+                                         interpret=jax.default_backend() == "cpu")
 
 
 def _xla(q, k, v, q_tokens, kv_tokens, *, window, sinks):
@@ -63,6 +64,9 @@ def _xla(q, k, v, q_tokens, kv_tokens, *, window, sinks):
   mask = visible(q_tokens, kv_tokens, window=window, sinks=sinks)[:, None]  # [b, 1, q, kv]
   return jax.nn.dot_product_attention(q, k, v, mask=mask), None
 
+
+# Implementations that work in tiles take block_q / block_kv.
+TILED = ("blockwise", "pallas")
 
 IMPLS = {
     "reference": reference_attention,
@@ -77,7 +81,7 @@ IMPLS = {
 AUTO = {"cpu": "reference", "gpu": "xla", "tpu": "xla"}
 
 
-def resolve_impl(impl: str, q=None, k=None, v=None) -> str:
+def resolve_impl(impl: str, q=None, k=None, v=None, **tiles) -> str:
   """The implementation to run for `impl` ("auto": the backend's choice in AUTO).
 
   Fails, naming the cause, if `impl` is unknown or is "pallas" and the kernel cannot take
@@ -89,7 +93,7 @@ def resolve_impl(impl: str, q=None, k=None, v=None) -> str:
     raise ValueError(f"Unknown attention impl {impl!r}; choose one of "
                      f"{['auto'] + sorted(IMPLS)}.")
   if impl == "pallas" and q is not None:
-    reason = flash_attention.supports(q, k, v)
+    reason = flash_attention.supports(q, k, v, **tiles)
     if reason:
       raise ValueError(f"attention_impl='pallas' cannot run these shapes: {reason} Choose "
                        f"another attention_impl (e.g. 'auto').")
@@ -98,13 +102,15 @@ def resolve_impl(impl: str, q=None, k=None, v=None) -> str:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
               positions: jax.Array | None = None, *, window: int | None = None, sinks: int = 0,
-              impl: str = "auto") -> jax.Array:
+              impl: str = "auto", block_q: int = 128, block_kv: int = 128) -> jax.Array:
   """Self-attention over whole rows with the implementation named `impl` (a key of `IMPLS`).
 
   q, k, v as in the module doc with q_seq = kv_seq; segment_ids, positions `[batch, seq]`
   (positions default to 0..seq-1, one document per row). Returns out `[batch, seq, heads,
-  head_dim]`.
+  head_dim]`. block_q / block_kv: the tiles of the tiled implementations (`TILED`).
   """
   check_mask_args(window, sinks)
   tokens = row_tokens(segment_ids, positions)
-  return IMPLS[resolve_impl(impl, q, k, v)](q, k, v, tokens, tokens, window=window, sinks=sinks)[0]
+  impl = resolve_impl(impl, q, k, v, block_q=block_q, block_kv=block_kv)
+  tiles = dict(block_q=block_q, block_kv=block_kv) if impl in TILED else {}
+  return IMPLS[impl](q, k, v, tokens, tokens, window=window, sinks=sinks, **tiles)[0]

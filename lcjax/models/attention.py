@@ -55,6 +55,7 @@ class Attention(nnx.Module):
     self.dtype = cfg.compute_dtype
     self.window, self.sinks = cfg.attention_window, cfg.attention_sinks
     self.impl = cfg.attention_impl
+    self.blocks = dict(block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv)
     self.sequence = sequence
 
   def _qkv(self, x: jax.Array, positions: jax.Array):
@@ -76,9 +77,9 @@ class Attention(nnx.Module):
     if self.sequence is not None:  # rows split over devices: ring / all-gather attention
       return self._out(self.sequence.attention(q, k, v, segment_ids, positions,
                                                window=self.window, sinks=self.sinks,
-                                               impl=self.impl))
+                                               impl=self.impl, **self.blocks))
     return self._out(attention(q, k, v, segment_ids, positions, window=self.window,
-                               sinks=self.sinks, impl=self.impl))
+                               sinks=self.sinks, impl=self.impl, **self.blocks))
 
   # --- decoding (one document per row, positions 0, 1, ...) ---
 

@@ -47,6 +47,9 @@ class ModelConfig:
     document that stay visible to all later ones (StreamingLLM's attention sinks).
   attention_impl / ssd_impl: the kernel, by name (`lcjax.kernels.attention.IMPLS`,
     `lcjax.kernels.ssd.IMPLS`); "auto" picks the fastest one the backend has.
+  attention_block_q / attention_block_kv: the tiles of the tiled attention kernels ("blockwise",
+    "pallas", and each device's share of ring attention); Triton wants powers of two >= 16,
+    Mosaic multiples of 128.
 
   mamba_*: the Mamba-2 mixer ("M"), named and defaulted as mamba_ssm's `Mamba2`: d_inner =
     mamba_expand * d_model channels in mamba_headdim-wide heads (mamba_nheads of them) sharing
@@ -73,6 +76,8 @@ class ModelConfig:
   attention_sinks: int = 0
   attention_impl: str = "auto"
   ssd_impl: str = "auto"
+  attention_block_q: int = 128
+  attention_block_kv: int = 128
   mamba_d_state: int = 128
   mamba_d_conv: int = 4
   mamba_expand: int = 2
@@ -90,7 +95,8 @@ class ModelConfig:
     from lcjax.models.pattern import parse_pattern
     check_types(self)
     parse_pattern(self.pattern)
-    for name in ("vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+    for name in ("vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+                 "attention_block_q", "attention_block_kv"):
       if getattr(self, name) < 1:
         raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}.")
     if self.num_heads % self.num_kv_heads:

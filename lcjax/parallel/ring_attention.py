@@ -85,8 +85,9 @@ def _ring_forward(q, k, v, q_tokens, kv_tokens, axis_name, window, sinks, block_
   block_fwd = _block_kernels(kernel)[0]
   # Blockwise can hand its partial out over in float32 for the merge; the Pallas kernel's is in
   # q.dtype (one rounding per block in bfloat16).
-  blocks = dict(block_q=block_q, block_kv=block_kv, out_dtype=f32) if (
-      kernel == "blockwise") else {}
+  blocks = dict(block_q=block_q, block_kv=block_kv)
+  if kernel == "blockwise":
+    blocks["out_dtype"] = f32
 
   def add_block(acc, kv):
     k, v, kv_tokens = kv
@@ -130,7 +131,7 @@ def _ring_attention_bwd(axis_name, window, sinks, block_q, block_kv, kernel, res
   q, k, v, q_tokens, kv_tokens, out, lse = residuals
   n, perm = _ring(axis_name)
   block_bwd = _block_kernels(kernel)[1]
-  blocks = dict(block_q=block_q, block_kv=block_kv) if kernel == "blockwise" else {}
+  blocks = dict(block_q=block_q, block_kv=block_kv)
 
   def add_block(dq, kv, dkv):
     k, v, kv_tokens = kv
@@ -190,7 +191,7 @@ def allgather_attention_shard(q: jax.Array, k: jax.Array, v: jax.Array, q_tokens
   gather = functools.partial(lax.all_gather, axis_name=axis_name, axis=1, tiled=True)
   k, v, kv_tokens = gather(k), gather(v), jax.tree.map(gather, kv_tokens)
   attend = _block_kernels(kernel)[2]
-  blocks = dict(block_q=block_q, block_kv=block_kv) if kernel == "blockwise" else {}
+  blocks = dict(block_q=block_q, block_kv=block_kv)
   return attend(q, k, v, q_tokens, kv_tokens, window=window, sinks=sinks, **blocks)[0]
 
 

@@ -34,10 +34,10 @@ class SequenceConfig:
   """layout: how a row's tokens are dealt to the sequence shards (contiguous, zigzag, striped).
   attention: "ring" (k/v blocks passed around the ring, O(seq / N) memory per device) or
     "allgather" (k/v gathered whole: simpler, O(seq) memory, one collective).
-  block_size: the query and key block of each device's local, blockwise attention."""
+  Each device's local attention is tiled by the model's attention_block_q / attention_block_kv.
+  """
   layout: str = "zigzag"
   attention: str = "ring"
-  block_size: int = 512
 
   def __post_init__(self):
     check_types(self)
@@ -46,8 +46,6 @@ class SequenceConfig:
     if self.attention not in METHODS:
       raise ValueError(f"SequenceConfig.attention={self.attention!r} is not one of "
                        f"{tuple(sorted(METHODS))}.")
-    if self.block_size < 1:
-      raise ValueError(f"SequenceConfig.block_size must be >= 1, got {self.block_size}.")
 
 
 def _one_axis(axes):
@@ -98,14 +96,15 @@ class SequenceSharding:
   def _axes(self):
     return dict(mesh=self.mesh, batch_axes=self.batch_axes, seq_axis=self.seq_axis)
 
-  def attention(self, q, k, v, segment_ids, positions, *, window, sinks, impl):
+  def attention(self, q, k, v, segment_ids, positions, *, window, sinks, impl, block_q,
+                block_kv):
     """q `[batch, seq, heads, head_dim]`, k, v `[batch, seq, kv_heads, head_dim]`, all in the
     layout's order -> out like q. impl: the model's attention_impl; "pallas" runs the Pallas
-    kernel on each block, anything else the blockwise plain-JAX path."""
-    block = self.config.block_size
+    kernel on each block, anything else the blockwise plain-JAX path, in tiles of
+    block_q x block_kv."""
     return sequence_attention(q, k, v, segment_ids, positions, layout=self.layout,
                               method=self.config.attention, window=window, sinks=sinks,
-                              head_axis=self.head_axis, block_q=block, block_kv=block,
+                              head_axis=self.head_axis, block_q=block_q, block_kv=block_kv,
                               kernel="pallas" if impl == "pallas" else "blockwise",
                               **self._axes())
 

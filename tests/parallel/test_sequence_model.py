@@ -21,7 +21,8 @@ from tests.train.runs import bindings, train_in_process, train_losses
 
 CFG = ModelConfig(vocab_size=64, d_model=32, pattern="M*-M*-", num_heads=4, num_kv_heads=2,
                   head_dim=8, mlp_dim=64, mamba_d_state=8, mamba_headdim=16, mamba_ngroups=2,
-                  mamba_chunk_size=8, init_std=0.1, dtype="float32")
+                  mamba_chunk_size=8, init_std=0.1, dtype="float32", attention_block_q=8,
+                  attention_block_kv=8)
 SEQ = 64
 
 
@@ -61,7 +62,7 @@ def test_sequence_sharded_hybrid_matches_one_device(rng, mesh_axes, layout, atte
 
   mesh = make_mesh(MeshConfig(**{"data": 1, **mesh_axes}))
   seq = SequenceSharding.create(mesh, sharding.DEFAULT_RULES,
-                                SequenceConfig(layout=layout, attention=attention, block_size=8))
+                                SequenceConfig(layout=layout, attention=attention))
   sharded_graphdef, _ = nnx.split(LM(cfg, rngs=nnx.Rngs(0), sequence=seq))
   put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, sharding.DEFAULT_RULES))
   sharded_batch = {k: put(v) for k, v in permute_batch(batch, layout, seq.shards).items()}
@@ -90,7 +91,7 @@ def test_bad_sequence_config_names_the_fix():
 
 HYBRID = ["ModelConfig.pattern = 'M*-'", "ModelConfig.mamba_d_state = 8",
           "ModelConfig.mamba_headdim = 16", "ModelConfig.mamba_chunk_size = 16",
-          "SequenceConfig.block_size = 16"]
+          "ModelConfig.attention_block_q = 16", "ModelConfig.attention_block_kv = 16"]
 
 
 @pytest.mark.slow
