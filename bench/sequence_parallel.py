@@ -18,7 +18,11 @@ assignment's total, deterministic on CPU; a real device adds its runtime's own o
 One device has no sequence sharding, so its attention runs the model's own kernel: the step
 sets ModelConfig.attention_impl = "blockwise" (the same flash-style kernel, and block size, that
 ring attention runs per kv block) everywhere, rather than the CPU default "reference", whose
-[seq, seq] scores would dwarf everything else.
+[seq, seq] scores would dwarf everything else; tiles are BLOCK x BLOCK tokens.
+
+Bytes communicated are read off the compiled HLO: the result bytes of every collective on one
+device, loops multiplied by their trip counts (see `collective_bytes`), split into the parts of
+the model that issue them.
 
     python bench/sequence_parallel.py [--gin_file=configs/demo.gin
         --gin_file=configs/models/hybrid_tiny.gin] [--seq_len=32768] [--shards=1,2,4,8]
@@ -75,13 +79,17 @@ class Step:
     return self.arguments + self.outputs + self.temp - self.aliased
 
 
+BLOCK = 512  # attention tile (ModelConfig.attention_block_q / _kv) of every run here
+
+
 def compile_step(base: loop.Run, seq_len: int, shards: int, attention: str,
                  layout: str) -> Step:
   """Lowers and compiles the loop's train step for one row of `seq_len` tokens split over the
   first `shards` devices (mesh data=1, sequence=shards)."""
   run = dataclasses.replace(
       base,
-      model=dataclasses.replace(base.model, attention_impl="blockwise"),
+      model=dataclasses.replace(base.model, attention_impl="blockwise",
+                                attention_block_q=BLOCK, attention_block_kv=BLOCK),
       data=dataclasses.replace(base.data, sequence_length=seq_len),
       train=dataclasses.replace(base.train, batch_size=1, grad_accum_steps=1),
       mesh_config=mesh_lib.MeshConfig(data=1, fsdp=1, tensor=1, sequence=shards))
@@ -283,7 +291,8 @@ def main():
   p.add_argument("--gin_file", action="append", default=None,
                  help="gin files (default: configs/demo.gin, then\n"
                       "configs/models/hybrid_tiny.gin for the model)")
-  p.add_argument("--gin_bindings", action="append", default=[])
+  p.add_argument("--gin_bindings", action="append", default=[],
+                 help="extra gin bindings, e.g. \"ModelConfig.remat = 'full'\"")
   p.add_argument("--seq_len", type=int, default=32768,
                  help="row length of tables 1 and 4 (default 32768)")
   p.add_argument("--shards", default="1,2,4,8",
@@ -348,7 +357,8 @@ def main():
     print("|---:|---:|---:|---:|---:|")
     for n in sorted({1, n_max}):
       before = len(steps)
-      # Binary search over the exponent: peak memory grows with the row length.
+      # Binary search over the exponent: peak memory grows with the row length (it is linear
+      # in it here; table 1's rows and the search's own compiles show it).
       fits = lambda e: step(2**e, n).peak <= budget  # noqa: E731
       a, b = lo - 1, hi + 1  # fits(a) assumed, fits(b) assumed false
       while b - a > 1:
