@@ -37,17 +37,20 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_tokens: Toke
   f32 = jnp.float32
   # Group query heads by the kv head they share: h = kv * group + g.
   qg = q.reshape(batch, q_seq, kv_heads, heads // kv_heads, head_dim).astype(f32)
-  scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(f32)) / jnp.sqrt(f32(head_dim))
+  # Scale q and normalise the output rather than the [q_seq, kv_seq] scores and probabilities.
+  scores = jnp.einsum("bqkgd,bskd->bkgqs", qg / jnp.sqrt(f32(head_dim)), k.astype(f32))
   mask = visible(q_tokens, kv_tokens, window=window, sinks=sinks)[:, None, None]
   scores = jnp.where(mask, scores, -jnp.inf)
   # The max only shifts for stability (it cancels); rows that see nothing keep a finite shift.
-  row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+  row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1))  # [b, kv_heads, group, q]
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  probs = jnp.exp(scores - row_max)
-  total = jnp.sum(probs, axis=-1, keepdims=True)
+  probs = jnp.exp(scores - row_max[..., None])
+  total = jnp.sum(probs, axis=-1)
   seen = total > 0
-  out = jnp.einsum("bkgqs,bskd->bqkgd", probs / jnp.where(seen, total, 1.0), v.astype(f32))
-  lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
+  total = jnp.where(seen, total, 1.0)
+  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(f32))
+  out = out / jnp.moveaxis(total, 3, 1)[..., None]
+  lse = jnp.where(seen, row_max + jnp.log(total), -jnp.inf)
   return (out.reshape(batch, q_seq, heads, head_dim).astype(q.dtype),
           lse.reshape(batch, heads, q_seq))
 

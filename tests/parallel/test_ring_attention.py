@@ -130,8 +130,9 @@ def test_pallas_kernel_for_the_per_block_work(rng, method):
   """The Pallas flash kernel (interpret mode here) as each block's work: it returns the lse the
   ring merges by, and its backward takes the merged out / lse."""
   mesh = make_mesh(MeshConfig(data=2, sequence=4))
+  # Triton-shaped tiles (powers of two >= 16): each device's 16 tokens are one tile.
   check_against_reference(rng, mesh, "zigzag", method, head_dim=16, window=20, sinks=2,
-                          kernel="pallas")
+                          block=16, kernel="pallas")
 
 
 def small_inputs(batch=2, seq=64, heads=4, kv_heads=2):
