@@ -17,12 +17,12 @@ import pytest
 
 from lcjax.kernels.attention import reference_attention
 from lcjax.kernels.flash_attention import (
-  _schedule,
   flash_attention,
   flash_bwd,
   flash_fwd,
   supports,
 )
+from lcjax.kernels.flash_blocks import _schedule
 from lcjax.kernels.mask import Tokens, row_tokens, visible
 from tests.kernels.test_attention import positions_of
 
