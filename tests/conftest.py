@@ -15,7 +15,8 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def rng():
-  """A freshly seeded generator; the seed is printed, and pytest shows it if the test fails."""
-  seed = np.random.SeedSequence().entropy
-  print(f"numpy seed: {seed}")
+  """A freshly seeded generator; the seed is printed (pytest shows it if the test fails) and
+  LCJAX_SEED=<seed> replays it."""
+  seed = int(os.environ.get("LCJAX_SEED") or np.random.SeedSequence().entropy)
+  print(f"numpy seed: {seed} (replay: LCJAX_SEED={seed})")
   return np.random.default_rng(seed)

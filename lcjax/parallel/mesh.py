@@ -59,3 +59,26 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     # No topology-aware layout for this shape (e.g. CPU or odd slices): plain order is correct.
     device_array = np.asarray(devices).reshape(shape)
   return Mesh(device_array, AXES)
+
+
+# -- Mesh axes named in a PartitionSpec entry (None, one name, or a tuple of names) -------------
+
+
+def axis_names(entry) -> tuple[str, ...]:
+  """A PartitionSpec entry -> a tuple of mesh axis names."""
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def present_axes(mesh: Mesh, entry):
+  """The entry with only the axes `mesh` has: None, one name, or a tuple of names."""
+  names = tuple(a for a in axis_names(entry) if a in mesh.shape)
+  if not names:
+    return None
+  return names[0] if len(names) == 1 else names
+
+
+def axes_size(mesh: Mesh, entry) -> int:
+  """How many devices the axes of `entry` span together (1 for None)."""
+  return math.prod(mesh.shape[a] for a in axis_names(entry))

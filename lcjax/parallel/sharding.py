@@ -8,10 +8,11 @@ MaxText. Changing the parallelism strategy means changing the rules, never the m
 
 import gin
 import jax
-import numpy as np
 from flax import linen as nn
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lcjax.parallel.mesh import axes_size
 
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
@@ -44,13 +45,6 @@ def spec(logical_axes, rules) -> PartitionSpec:
   return nn.logical_to_mesh_axes(logical_axes, rules)
 
 
-def _axis_size(mesh: Mesh, axes) -> int:
-  if axes is None:
-    return 1
-  axes = (axes,) if isinstance(axes, str) else axes
-  return int(np.prod([mesh.shape[a] for a in axes]))
-
-
 def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules):
   """NamedShardings (as a pure dict matching `nnx.to_pure_dict`) for every parameter.
 
@@ -65,7 +59,7 @@ def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules):
           f"{var.value.shape}: every nnx.Param needs one logical axis name per dimension.")
     pspec = spec(axes, rules)
     for dim, (size, mesh_axes) in enumerate(zip(var.value.shape, pspec)):
-      n = _axis_size(mesh, mesh_axes)
+      n = axes_size(mesh, mesh_axes)
       if size % n:
         raise ValueError(
             f"Parameter {jax.tree_util.keystr(path)} (shape {var.value.shape}, logical axes "
@@ -91,7 +85,7 @@ def describe(abstract_params: nnx.State, mesh: Mesh, rules) -> str:
     kind = ".".join("*" if isinstance(getattr(k, "key", k), int) else str(getattr(k, "key", k))
                     for k in path)
     axes = var.get_metadata().get("logical_axes")
-    local = tuple(size // _axis_size(mesh, mesh_axes)
+    local = tuple(size // axes_size(mesh, mesh_axes)
                   for size, mesh_axes in zip(var.value.shape, spec(axes, rules)))
     kinds.setdefault(kind, f"  {kind}: {axes}, {tuple(var.value.shape)} -> {local}")
   return "\n".join(lines + sorted(kinds.values()))
@@ -122,7 +116,7 @@ def process_share(batch_sharding: NamedSharding, global_shape: tuple[int, int]):
 def check_batch(global_batch_size: int, seq_len: int, mesh: Mesh, rules) -> None:
   """Fails fast when the batch or the sequence cannot be split over the mesh."""
   b_axes, s_axes = spec(BATCH_AXES, rules)
-  nb, ns = _axis_size(mesh, b_axes), _axis_size(mesh, s_axes)
+  nb, ns = axes_size(mesh, b_axes), axes_size(mesh, s_axes)
   if global_batch_size % nb:
     raise ValueError(
         f"Global batch size {global_batch_size} is not divisible by the {nb} devices of the "
