@@ -25,43 +25,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lcjax.kernels.dispatch import Dispatch
+from lcjax.kernels.ssd_common import (
+  check_shapes,
+  document_index,
+  document_starts,
+  f32,
+  heads_from_groups,
+  pass_states,
+  zero_state,
+)
 from lcjax.kernels.ssd_pallas import ssd_pallas
 from lcjax.kernels.ssd_pallas import supports as ssd_pallas_supports
-
-f32 = jnp.float32
-
-
-def _check_shapes(x, dt, A, B, C):
-  batch, seq, heads, _ = x.shape
-  groups = B.shape[-2]
-  if dt.shape != (batch, seq, heads) or A.shape != (heads,):
-    raise ValueError(f"dt {dt.shape} / A {A.shape} do not match x {x.shape}.")
-  if B.shape != C.shape or B.shape[:2] != (batch, seq):
-    raise ValueError(f"B {B.shape} / C {C.shape} do not match x {x.shape}.")
-  if heads % groups:
-    raise ValueError(f"heads={heads} is not a multiple of groups={groups}.")
-
-
-def _document_index(segment_ids, batch, seq):
-  """`[batch, seq]` -> int32 `[batch, seq]`: the number of boundaries at or before t.
-
-  Equal index <=> no boundary in between, even if an id recurs later in the row ([1, 2, 1]).
-  The first document has index 0, the one the initial state belongs to.
-  """
-  if segment_ids is None:
-    return jnp.zeros((batch, seq), jnp.int32)
-  starts = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
-  return jnp.pad(jnp.cumsum(starts, axis=1), ((0, 0), (1, 0)))
-
-
-def _zeros_state(x, B):
-  batch, _, heads, head_dim = x.shape
-  return jnp.zeros((batch, heads, head_dim, B.shape[-1]), f32)
-
-
-def _heads_from_groups(B, heads):
-  """`[..., groups, d_state]` -> `[..., heads, d_state]`: head h reads h // (heads // groups)."""
-  return jnp.repeat(B, heads // B.shape[-2], axis=-2)
 
 
 def ssd_step(state, x, dt, A, B, C):
@@ -73,8 +48,8 @@ def ssd_step(state, x, dt, A, B, C):
   """
   heads = x.shape[1]
   dt = dt.astype(f32)
-  B = _heads_from_groups(B.astype(f32), heads)
-  C = _heads_from_groups(C.astype(f32), heads)
+  B = heads_from_groups(B.astype(f32), heads)
+  C = heads_from_groups(C.astype(f32), heads)
   decay = jnp.exp(dt * A.astype(f32))[..., None, None]
   update = (dt[..., None] * x.astype(f32))[..., None] * B[:, :, None, :]
   new_state = decay * state.astype(f32) + update
@@ -84,11 +59,10 @@ def ssd_step(state, x, dt, A, B, C):
 
 def ssd_reference(x, dt, A, B, C, *, segment_ids=None, initial_state=None):
   """`lax.scan` over time of exactly the recurrence, all in float32. O(seq) sequential steps."""
-  _check_shapes(x, dt, A, B, C)
+  check_shapes(x, dt, A, B, C)
   batch, seq = x.shape[:2]
-  state = _zeros_state(x, B) if initial_state is None else initial_state.astype(f32)
-  doc = _document_index(segment_ids, batch, seq)
-  starts = jnp.pad(doc[:, 1:] != doc[:, :-1], ((0, 0), (1, 0)))  # [batch, seq] bool
+  state = zero_state(x, B) if initial_state is None else initial_state.astype(f32)
+  starts = document_starts(segment_ids, batch, seq)
 
   def step(state, inputs):
     x_t, dt_t, B_t, C_t, start_t = inputs
@@ -101,7 +75,7 @@ def ssd_reference(x, dt, A, B, C, *, segment_ids=None, initial_state=None):
   return time_major(y).astype(x.dtype), final_state
 
 
-def _segment_sum(a, same_doc):
+def _segment_sum(a, same_doc=True):
   """a `[..., chunk]` -> `[..., chunk(i), chunk(j)]`: sum of a over (j, i], -inf where i < j or
   where i and j are in different documents (so exp gives exactly zero there).
 
@@ -115,6 +89,67 @@ def _segment_sum(a, same_doc):
   windows = jnp.cumsum(jnp.where(after_j, a[..., :, None], 0.0), axis=-2)
   keep = (idx[:, None] >= idx[None, :]) & same_doc
   return jnp.where(keep, windows, -jnp.inf)
+
+
+def ssd_minimal(x, dt, A, B, C, chunk_size):
+  """The chunked algorithm in its plainest form, to read beside `ssd_reference`: one row is one
+  document, no initial state, seq a multiple of chunk_size, all float32. Not in IMPLS.
+
+  x `[b, s, h, p]`, dt `[b, s, h]`, A `[h]`, B, C `[b, s, g, n]` -> (y `[b, s, h, p]` in
+  x.dtype, final_state `[b, h, p, n]` float32). Einsum axes: c chunk, i/j position in a chunk
+  (i the output's, j the input's), z a chunk boundary (0 = the row start).
+  """
+  batch, seq, heads, _ = x.shape
+  n_chunks = seq // chunk_size
+  if n_chunks * chunk_size != seq:
+    raise ValueError(f"ssd_minimal needs seq={seq} to be a multiple of chunk={chunk_size}.")
+  chunks = lambda v: v.astype(f32).reshape(batch, n_chunks, chunk_size, *v.shape[2:])
+  x, dt = chunks(x), chunks(dt)
+  B, C = (chunks(heads_from_groups(v, heads)) for v in (B, C))  # [b, c, l, h, n]
+  a = jnp.moveaxis(dt * A.astype(f32), 2, -1)  # [b, c, h, l]: log decay of each step
+  decay = jnp.exp(_segment_sum(a))  # [b, c, h, i, j]: decay from j to i, 0 where i < j
+  a_cum = jnp.cumsum(a, axis=-1)  # [b, c, h, i]: log decay from the chunk start to i
+
+  # 1. Diagonal blocks, the intra-chunk outputs: y_i = sum_j (C_i . B_j) decay(j -> i) dt_j x_j.
+  y_diag = jnp.einsum("bcihn,bcjhn,bchij,bcjh,bcjhp->bcihp", C, B, decay, dt, x)
+  # 2. Intra-chunk states: what each chunk leaves behind from its own inputs.
+  to_end = decay[..., -1, :]  # [b, c, h, j]: decay from j to the chunk's last position
+  states = jnp.einsum("bcjhn,bchj,bcjh,bcjhp->bchpn", B, to_end, dt, x)
+  # 3. Inter-chunk state passing, as one more decay matrix, over chunk boundaries: the state at
+  # boundary z sums every earlier chunk's own state, decayed over the chunks in between.
+  # Boundary z ends chunk z - 1; c indexes the chunk ending at boundary c (0: the zero start).
+  chunk_log = jnp.pad(jnp.moveaxis(a_cum[..., -1], 1, -1), ((0, 0), (0, 0), (1, 0)))  # [b, h, z]
+  boundary_decay = jnp.exp(_segment_sum(chunk_log))  # [b, h, z, c]: decay from boundary c to z
+  padded = jnp.pad(states, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))  # [b, c, h, p, n]
+  boundary_states = jnp.einsum("bhzc,bchpn->bzhpn", boundary_decay, padded)
+  # 4. State -> output, the off-diagonal blocks: y_i += C_i . (decay(start -> i) h_in).
+  y_off = jnp.einsum("bcihn,bchpn,bchi->bcihp", C, boundary_states[:, :-1], jnp.exp(a_cum))
+  y = (y_diag + y_off).reshape(batch, seq, heads, -1)
+  return y.astype(x.dtype), boundary_states[:, -1]
+
+
+def _chunks(x, dt, A, B, C, doc, chunk):
+  """The inputs padded to whole chunks and split into them, heads as (group, head in group).
+
+  The tail is padded with dt = 0 and x = B = C = 0 (decay 1, no input: the state passes
+  through unchanged) and joins the last document. Returns x `[b, c, l, g, r, p]` in x.dtype;
+  B, C `[b, c, l, g, n]` in x.dtype; dt and a = dt * A `[b, c, g, r, l]` float32; doc
+  `[b, c, l]`.
+  """
+  batch, seq, heads, head_dim = x.shape
+  groups, d_state = B.shape[-2:]
+  n_chunks = -(-seq // chunk)
+  pad = n_chunks * chunk - seq
+  if pad:
+    zero_pad = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+    x, dt, B, C = map(zero_pad, (x, dt, B, C))
+    doc = jnp.pad(doc, ((0, 0), (0, pad)), mode="edge")
+  by_chunk = lambda a, *rest: a.reshape(batch, n_chunks, chunk, *rest)
+  x = by_chunk(x, groups, heads // groups, head_dim)
+  B, C = (by_chunk(a.astype(x.dtype), groups, d_state) for a in (B, C))
+  dt = jnp.moveaxis(by_chunk(dt.astype(f32), groups, heads // groups), 2, -1)
+  a = dt * A.astype(f32).reshape(groups, heads // groups)[..., None]  # log-decay per step, <= 0
+  return x, B, C, dt, a, by_chunk(doc)
 
 
 def ssd_chunked(x, dt, A, B, C, *, chunk_size=256, segment_ids=None, initial_state=None):
@@ -133,30 +168,13 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size=256, segment_ids=None, initial_sta
   Any seq: the tail is padded with dt = 0 and x = B = C = 0 (decay 1, no input: the state passes
   through unchanged), and y is sliced back.
   """
-  _check_shapes(x, dt, A, B, C)
+  check_shapes(x, dt, A, B, C)
   batch, seq, heads, head_dim = x.shape
-  groups, d_state = B.shape[-2:]
-  per_group = heads // groups
   cdt = x.dtype
-  L = chunk_size
-  n_chunks = -(-seq // L)
-  pad = n_chunks * L - seq
-
-  doc = _document_index(segment_ids, batch, seq)
-  if pad:
-    zero_pad = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
-    x, dt, B, C = map(zero_pad, (x, dt, B, C))
-    doc = jnp.pad(doc, ((0, 0), (0, pad)), mode="edge")  # padding joins the last document
-
+  doc = document_index(segment_ids, batch, seq)
   # Axes: b batch, c chunk, i/j/l position in chunk, g group, r head within group, p head_dim,
   # n d_state. Splitting heads as (g, r) lets B, C stay per group instead of being repeated.
-  x = x.reshape(batch, n_chunks, L, groups, per_group, head_dim)
-  B = B.reshape(batch, n_chunks, L, groups, d_state).astype(cdt)
-  C = C.reshape(batch, n_chunks, L, groups, d_state).astype(cdt)
-  dt = dt.astype(f32).reshape(batch, n_chunks, L, groups, per_group)
-  dt = jnp.moveaxis(dt, 2, -1)  # [b, c, g, r, l]
-  a = dt * A.astype(f32).reshape(groups, per_group)[..., None]  # log-decay per step, <= 0
-  doc = doc.reshape(batch, n_chunks, L)
+  x, B, C, dt, a, doc = _chunks(x, dt, A, B, C, doc, chunk_size)
 
   # decay[..., i, j] = exp(sum of a over (j, i]) within one document, else 0.
   same_doc = (doc[..., :, None] == doc[..., None, :])[:, :, None, None]  # [b, c, 1, 1, i, j]
@@ -181,29 +199,22 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size=256, segment_ids=None, initial_sta
   # A plain prefix sum is fine here: its error is relative to its own size.
   from_start = jnp.exp(jnp.cumsum(a, axis=-1)) * survives  # [b, c, g, r, l]
 
-  # (3) Carry states across chunks, in float32. A sequential scan over n_chunks is cheap next to
-  # the per-chunk einsums and clearer than the quadratic-over-chunks form.
-  if initial_state is None:
-    state = jnp.zeros((batch, groups, per_group, head_dim, d_state), f32)
-  else:
-    state = initial_state.astype(f32).reshape(batch, groups, per_group, head_dim, d_state)
-
-  def carry(state, inputs):
-    chunk_decay, own_state = inputs
-    return chunk_decay[..., None, None] * state + own_state, state
-
-  chunk_decays = from_start[..., -1]  # [b, c, g, r]
-  final_state, states_in = lax.scan(
-      carry, state, (jnp.moveaxis(chunk_decays, 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
-  states_in = jnp.moveaxis(states_in, 0, 1)  # [b, c, g, r, p, n]: state entering each chunk
+  # (3) Carry states across chunks, in float32, chunk-major for the scan.
+  groups = B.shape[-2]
+  state = None if initial_state is None else initial_state.astype(f32).reshape(
+      batch, groups, heads // groups, head_dim, -1)
+  chunk_major = lambda a: jnp.moveaxis(a, 1, 0)
+  final_state, states_in = pass_states(chunk_major(from_start[..., -1]),
+                                       chunk_major(chunk_states), state)
+  states_in = chunk_major(states_in)  # [b, c, g, r, p, n]: the state entering each chunk
 
   # (4) The incoming state's contribution; the decay from chunk start is per (position, head), so
   # it scales the einsum's output instead of its operands.
   y_in = jnp.einsum("bcign,bcgrpn->bcigrp", C, states_in.astype(cdt), preferred_element_type=f32)
   y = y + y_in * jnp.moveaxis(from_start, -1, 2)[..., None]
 
-  y = y.reshape(batch, n_chunks * L, heads, head_dim)[:, :seq]
-  return y.astype(cdt), final_state.reshape(batch, heads, head_dim, d_state)
+  y = y.reshape(batch, -1, heads, head_dim)[:, :seq]
+  return y.astype(cdt), final_state.reshape(batch, heads, head_dim, -1)
 
 
 def _pallas(x, dt, A, B, C, *, chunk_size, segment_ids, initial_state):
@@ -218,33 +229,19 @@ IMPLS = {
     "pallas": _pallas,
 }
 
-# What "auto" runs on each backend. The Pallas kernel passes its interpret-mode tests and lowers
-# for Triton and Mosaic, but has not yet been run on a GPU or TPU (bench/README.md): until its
-# device table is taken it is opt-in (ssd_impl="pallas"), not the default.
-AUTO = {"cpu": "chunked", "gpu": "chunked", "tpu": "chunked"}
-
-
-def resolve_impl(impl: str, x=None, B=None, chunk_size=None) -> str:
-  """The implementation to run for `impl` ("auto": the backend's choice in AUTO). Fails,
-  naming the cause, if `impl` is unknown or is "pallas" and the kernel cannot take the shapes."""
-  if impl == "auto":
-    impl = AUTO.get(jax.default_backend(), "chunked")
-  if impl not in IMPLS:
-    raise ValueError(f"Unknown ssd impl {impl!r}; choose one of {['auto'] + sorted(IMPLS)}.")
-  if impl == "pallas" and x is not None:
-    reason = ssd_pallas_supports(x, B, chunk_size=chunk_size)
-    if reason:
-      raise ValueError(f"ssd_impl='pallas' cannot run these shapes: {reason} Choose another "
-                       f"ssd_impl (e.g. 'auto').")
-  return impl
+# "auto" is "chunked" on every backend. The Pallas kernel passes its interpret-mode tests and
+# lowers for Triton and Mosaic, but has no device table yet (bench/README.md): until it is taken
+# the kernel is opt-in (ssd_impl="pallas"), not the default.
+SSD = Dispatch("ssd", IMPLS, auto="chunked", supports={"pallas": ssd_pallas_supports})
 
 
 def ssd(x, dt, A, B, C, *, chunk_size=256, segment_ids=None, initial_state=None,
         impl="auto"):
   """Runs the SSD implementation named `impl` (a key of `IMPLS`, or "auto"); shapes as in the
   module doc. Returns (y, final_state). `chunk_size` only matters to chunked implementations.
+  Fails naming the cause if `impl` is unknown or cannot take these inputs (`SSD.resolve`).
   """
-  impl = resolve_impl(impl, x, B, chunk_size)
+  impl = SSD.resolve(impl, x, B, chunk_size=chunk_size)
   fn = IMPLS[impl]
   if impl != "reference":
     fn = functools.partial(fn, chunk_size=chunk_size)

@@ -51,7 +51,9 @@ from jax.sharding import PartitionSpec as P
 
 from lcjax.kernels.conv import causal_conv
 from lcjax.kernels.ssd import ssd
+from lcjax.kernels.ssd_common import document_starts, pass_states
 from lcjax.parallel.layout import LAYOUTS, check_layout
+from lcjax.parallel.mesh import axes_size, present_axes
 
 f32 = jnp.float32
 
@@ -101,11 +103,6 @@ def _own_pieces(layout: str, shards: int, shard) -> jax.Array:
   return jnp.stack([shard, 2 * shards - 1 - shard]).astype(jnp.int32)
 
 
-def _starts(segment_ids: jax.Array) -> jax.Array:
-  """bool `[batch, L]`: a document starts at t > 0 (the id changes); False at t = 0."""
-  return jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
-
-
 def _varying_zeros(shape, *like) -> jax.Array:
   """float32 zeros that vary over every mesh axis any of `like` varies over (shard_map's vma).
 
@@ -115,6 +112,28 @@ def _varying_zeros(shape, *like) -> jax.Array:
   """
   zero = sum(jnp.zeros_like(a, f32, shape=()) for a in like)
   return jnp.broadcast_to(zero, shape)
+
+
+def _states_in(h_piece, transfer, segp, *, axis_name: str, layout: str):
+  """Step 3 of `sharded_ssd_shard`: the state entering each of this shard's pieces, and the
+  row's final state, from every piece's own state and transfer (gathered over `axis_name`).
+
+  h_piece `[pieces * batch, heads, head_dim, d_state]`, transfer `[pieces * batch, heads]`,
+  segp `[pieces * batch, length]`, piece-major. Returns (h_in like h_piece, final state
+  `[batch, heads, head_dim, d_state]`).
+  """
+  pieces = _pieces(layout)
+  batch = h_piece.shape[0] // pieces
+  per_piece = lambda v: v.reshape(pieces, batch, *v.shape[1:])
+  info = (h_piece, transfer, segp[:, 0], segp[:, -1])
+  gathered = lax.all_gather(tuple(map(per_piece, info)), axis_name)  # each [shards, pieces, ...]
+  h_all, transfer_all, first_all, last_all = (_row_order(v, layout) for v in gathered)
+  # A state enters piece k only from piece k-1 in the same document; piece 0 starts the row.
+  resets = jnp.concatenate([jnp.ones_like(first_all[:1], bool), first_all[1:] != last_all[:-1]])
+  # The carry starts from zeros like the gathered states, varying over the same mesh axes.
+  final_state, h_in_all = pass_states(transfer_all, h_all, resets=resets)
+  own = _own_pieces(layout, lax.axis_size(axis_name), lax.axis_index(axis_name))
+  return jnp.take(h_in_all, own, axis=0).reshape(h_piece.shape), final_state
 
 
 def sharded_ssd_shard(x, dt, A, B, C, segment_ids, *, axis_name: str, layout: str,
@@ -132,8 +151,6 @@ def sharded_ssd_shard(x, dt, A, B, C, segment_ids, *, axis_name: str, layout: st
   if seq % pieces:
     raise ValueError(f"The {layout!r} layout needs a local sequence that is a multiple of "
                      f"{pieces}, got {seq}; see lcjax.parallel.layout.check_layout.")
-  shards = lax.axis_size(axis_name)
-  shard = lax.axis_index(axis_name)
   length = seq // pieces
 
   split = lambda a: _split_pieces(a, pieces)
@@ -153,28 +170,12 @@ def sharded_ssd_shard(x, dt, A, B, C, segment_ids, *, axis_name: str, layout: st
   # piece, a plain prefix sum: its error is relative to its own size.
   a = dtp.astype(f32) * A.astype(f32)  # [pieces * batch, length, heads]
   from_start = jnp.cumsum(a, axis=1)
-  starts = _starts(segp)
+  starts = document_starts(segp, pieces * batch, length)
   in_first_doc = jnp.cumsum(starts, axis=1) == 0  # [pieces * batch, length]
   transfer = jnp.exp(from_start[:, -1]) * in_first_doc[:, -1:]  # [pieces * batch, heads]
 
   # 3. Gather over the shards, scan over the global pieces in row order.
-  per_piece = lambda v: v.reshape(pieces, batch, *v.shape[1:])
-  info = (h_piece, transfer, segp[:, 0], segp[:, -1])
-  gathered = lax.all_gather(tuple(map(per_piece, info)), axis_name)  # each [shards, pieces, ...]
-  h_all, transfer_all, first_all, last_all = (_row_order(v, layout) for v in gathered)
-  # A state enters piece k only from piece k-1 in the same document; piece 0 starts the row.
-  resets = jnp.concatenate([jnp.ones_like(first_all[:1], bool), first_all[1:] != last_all[:-1]])
-
-  def carry_over(state, piece):
-    h_own, transfer_k, reset_k = piece
-    h_in = jnp.where(reset_k[:, None, None, None], 0.0, state)
-    return transfer_k[..., None, None] * h_in + h_own, h_in
-
-  # Zeros derived from the data so the carry has the same varying mesh axes as the scan's body.
-  final_state, h_in_all = lax.scan(carry_over, jnp.zeros_like(h_all[0]),
-                                   (h_all, transfer_all, resets))
-  h_in = jnp.take(h_in_all, _own_pieces(layout, shards, shard), axis=0)
-  h_in = h_in.reshape(pieces * batch, heads, head_dim, d_state)
+  h_in, final_state = _states_in(h_piece, transfer, segp, axis_name=axis_name, layout=layout)
 
   # 4. The incoming state's contribution, for the tokens of the piece's first document. Heads
   # split as (group, head within group) so C stays per group, as in ssd_chunked.
@@ -245,25 +246,28 @@ def sharded_causal_conv_shard(u, weight, bias, segment_ids, *, axis_name: str, l
 # --- global entry points ---
 
 
-def _present(mesh: Mesh, axes):
-  """A spec entry with only the axes of `axes` (a name, a tuple of names or None) that `mesh`
-  has; None if none."""
-  if axes is None:
-    return None
-  names = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a in mesh.shape)
-  if not names:
-    return None
-  return names[0] if len(names) == 1 else names
+def _row_specs(mesh: Mesh, batch_axes, seq_axis, layout: str, seq: int):
+  """(batch spec, sequence spec) of global rows over `mesh`, axes it lacks dropped; fails if
+  `layout` cannot split `seq` tokens over the sequence axis (or is striped)."""
+  batch_spec, seq_spec = present_axes(mesh, batch_axes), present_axes(mesh, seq_axis)
+  if seq_spec is not None and not isinstance(seq_spec, str):
+    raise ValueError(f"seq_axis must name one mesh axis, got {seq_axis!r}.")
+  check_layout(layout, seq, axes_size(mesh, seq_spec))
+  _pieces(layout)  # rejects striped
+  return batch_spec, seq_spec
 
 
-def _size(mesh: Mesh, entry) -> int:
-  if entry is None:
-    return 1
-  names = (entry,) if isinstance(entry, str) else entry
-  size = 1
-  for name in names:
-    size *= mesh.shape[name]
-  return size
+def _shard_map(local, mesh: Mesh, args, in_specs, segment_ids, segment_spec, out_specs,
+               check_vma=True):
+  """`local(*args, segment_ids)` under shard_map; segment ids None pass through as None (and
+  take no spec), else they are split by `segment_spec`."""
+  if segment_ids is None:
+    fn = lambda *a: local(*a, None)
+  else:
+    fn = local
+    in_specs, args = (*in_specs, segment_spec), (*args, segment_ids)
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs,
+                       check_vma=check_vma)(*args)
 
 
 def sharded_ssd(x, dt, A, B, C, segment_ids=None, *, mesh: Mesh, layout: str = "contiguous",
@@ -276,15 +280,10 @@ def sharded_ssd(x, dt, A, B, C, segment_ids=None, *, mesh: Mesh, layout: str = "
   runs `ssd` on whole rows. The pieces need not be multiples of chunk_size (`ssd` pads each).
   Returns y in the same order and sharding as x.
   """
-  batch_spec, head = _present(mesh, batch_axes), _present(mesh, head_axis)
-  seq_spec = _present(mesh, seq_axis)
-  if seq_spec is not None and not isinstance(seq_spec, str):
-    raise ValueError(f"seq_axis must name one mesh axis, got {seq_axis!r}.")
-  shards = _size(mesh, seq_spec)
-  check_layout(layout, x.shape[1], shards)
-  _pieces(layout)  # rejects striped
+  batch_spec, seq_spec = _row_specs(mesh, batch_axes, seq_axis, layout, x.shape[1])
+  head = present_axes(mesh, head_axis)
   heads, groups = x.shape[2], B.shape[2]
-  tensor = _size(mesh, head)
+  tensor = axes_size(mesh, head)
   if heads % tensor:
     raise ValueError(f"heads={heads} cannot be split over the {tensor} devices of head axis "
                      f"{head!r}; use a multiple of {tensor} heads or a smaller head axis.")
@@ -305,17 +304,9 @@ def sharded_ssd(x, dt, A, B, C, segment_ids=None, *, mesh: Mesh, layout: str = "
 
   specs = [P(batch_spec, seq_spec, head, None), P(batch_spec, seq_spec, head), P(head),
            P(batch_spec, seq_spec, group, None), P(batch_spec, seq_spec, group, None)]
-  args = [x, dt, A, B, C]
-  if segment_ids is None:
-    fn = lambda *a: local(*a, None)
-  else:
-    fn = local
-    specs.append(P(batch_spec, seq_spec))
-    args.append(segment_ids)
   # pallas_call outputs carry no varying-axes annotation, so shard_map cannot check them.
-  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs),
-                       out_specs=P(batch_spec, seq_spec, head, None),
-                       check_vma=impl != "pallas")(*args)
+  return _shard_map(local, mesh, (x, dt, A, B, C), specs, segment_ids, P(batch_spec, seq_spec),
+                    P(batch_spec, seq_spec, head, None), check_vma=impl != "pallas")
 
 
 def sharded_causal_conv(u, weight, bias, segment_ids=None, *, mesh: Mesh,
@@ -324,12 +315,8 @@ def sharded_causal_conv(u, weight, bias, segment_ids=None, *, mesh: Mesh,
   """`causal_conv` for global u `[batch, seq, channels]` in `layout`'s permuted order, sharded
   over `mesh` (batch over `batch_axes`, sequence over `seq_axis`, channels over `channel_axis`,
   weight `[d_conv, channels]` and bias with them). Axes the mesh lacks are dropped."""
-  batch_spec, channel = _present(mesh, batch_axes), _present(mesh, channel_axis)
-  seq_spec = _present(mesh, seq_axis)
-  if seq_spec is not None and not isinstance(seq_spec, str):
-    raise ValueError(f"seq_axis must name one mesh axis, got {seq_axis!r}.")
-  check_layout(layout, u.shape[1], _size(mesh, seq_spec))
-  _pieces(layout)
+  batch_spec, seq_spec = _row_specs(mesh, batch_axes, seq_axis, layout, u.shape[1])
+  channel = present_axes(mesh, channel_axis)
 
   def local(u, weight, bias, segment_ids):
     if seq_spec is None:
@@ -338,12 +325,5 @@ def sharded_causal_conv(u, weight, bias, segment_ids=None, *, mesh: Mesh,
                                      layout=layout)
 
   specs = [P(batch_spec, seq_spec, channel), P(None, channel), P(channel)]
-  args = [u, weight, bias]
-  if segment_ids is None:
-    fn = lambda *a: local(*a, None)
-  else:
-    fn = local
-    specs.append(P(batch_spec, seq_spec))
-    args.append(segment_ids)
-  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs),
-                       out_specs=P(batch_spec, seq_spec, channel))(*args)
+  return _shard_map(local, mesh, (u, weight, bias), specs, segment_ids, P(batch_spec, seq_spec),
+                    P(batch_spec, seq_spec, channel))
