@@ -1,8 +1,9 @@
-"""SSD: the scan reference against a float64 loop; chunked, decoding steps and splits against it.
+"""SSD: the scan reference against a float64 loop; the chunked forms, decoding steps and splits
+against it.
 
-Inputs are fresh every run (the `rng` fixture prints its seed). Closeness is measured relative to
-the largest magnitude of the expected array, max|actual - expected| / max|expected|, so tiny
-entries next to large ones do not make the check flaky.
+Inputs are fresh every run (the `rng` fixture prints its seed); closeness and tolerances are
+tests/numerics.py's. bfloat16 runs compare x, dt, B, C rounded to bf16 (einsum operands in bf16,
+y rounded to bf16) with the float32 scan on the same rounded values.
 """
 import functools
 
@@ -11,27 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcjax.kernels.ssd import IMPLS, ssd, ssd_chunked, ssd_reference, ssd_step
-
-F32_TOL = 1e-5  # float32 chunked vs float32 scan, forward (seen: <= 6e-7)
-# Gradients sum over every position (dA most of all), so rounding accumulates further: seen up
-# to 3e-5 for dA over many seeds.
-F32_GRAD_TOL = 1e-4
-# bfloat16 x, dt, B, C (einsum operands in bf16, y rounded to bf16) vs the float32 scan on the
-# same rounded values, forward and gradients; about 5 bf16 ulps (seen: <= 7e-3 over many seeds).
-BF16_TOL = 2e-2
-# bf16 gradients: dA sums bf16-rounded terms over every position; seen up to 3.4e-2 (bf16's
-# epsilon is 7.8e-3). A wrong decay or reset gives errors of order 1.
-BF16_GRAD_TOL = 6e-2
-
-
-def assert_close(actual, expected, tol, what=""):
-  actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
-  expected = np.asarray(jnp.asarray(expected, jnp.float32), np.float64)
-  assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-  assert np.all(np.isfinite(actual)), f"{what}: non-finite values"
-  err = np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-30)
-  assert err <= tol, f"{what}: relative-to-max error {err:.3g} > {tol:.3g}"
+from lcjax.kernels.ssd import IMPLS, ssd, ssd_chunked, ssd_minimal, ssd_reference, ssd_step
+from tests.numerics import BF16, BF16_GRAD, F32, F32_GRAD, assert_close, random_segments
 
 
 def random_inputs(rng, batch=2, seq=64, heads=4, groups=2, head_dim=8, d_state=8,
@@ -51,24 +33,12 @@ def random_inputs(rng, batch=2, seq=64, heads=4, groups=2, head_dim=8, d_state=8
   return (x, dt, A, B, C), h0
 
 
-def random_segments(rng, batch, seq, chunk, no_boundary_at=()):
-  """Many short documents, some boundaries exactly at chunk edges; ids drawn from {0..3}, so
-  padding (0) shows up between documents too and ids recur ([1, 2, 1] is three documents)."""
-  rows = []
-  for _ in range(batch):
-    starts = rng.random(seq) < 1 / 6
-    edges = np.arange(chunk, seq, chunk)
-    starts[edges] |= rng.random(len(edges)) < 0.5
-    if len(edges):
-      starts[rng.choice(edges)] = True
-    starts[0] = False
-    starts[list(no_boundary_at)] = False
-    row = np.empty(seq, np.int32)
-    row[0] = rng.integers(0, 4)
-    for t in range(1, seq):
-      row[t] = (row[t - 1] + rng.integers(1, 4)) % 4 if starts[t] else row[t - 1]
-    rows.append(row)
-  return np.stack(rows)
+def chunk_segments(rng, batch, seq, chunk):
+  """Many short documents (some one token long), at least one boundary per row exactly on a
+  chunk edge and others inside chunks; ids drawn from {0..3}, so padding (0) shows up between
+  documents too and ids recur ([1, 2, 1] is three documents)."""
+  return random_segments(rng, batch, seq, max_docs=min(seq, max(3, seq // 4)),
+                         edges=np.arange(chunk, seq, chunk), recurring_ids=True)
 
 
 def naive_ssd(x, dt, A, B, C, segment_ids, initial_state):
@@ -131,7 +101,7 @@ def compare_to_reference(rng, inputs, h0, seg, chunk, tol, grad_tol, cast=None):
 
 def test_reference_matches_float64_loop(rng):
   (x, dt, A, B, C), h0 = random_inputs(rng, seq=24, heads=4, groups=2, initial_state=True)
-  seg = random_segments(rng, 2, 24, chunk=8)
+  seg = chunk_segments(rng, 2, 24, 8)
   y, final = jax.jit(ssd_reference)(x, dt, A, B, C, segment_ids=seg, initial_state=h0)
   y_naive, final_naive = naive_ssd(x, dt, A, B, C, seg, h0)
   assert_close(y, y_naive, 1e-5, "y")
@@ -155,16 +125,39 @@ CASES = [
 @pytest.mark.parametrize("seq,chunk,heads,groups,initial,segments", CASES)
 def test_chunked_matches_reference(rng, seq, chunk, heads, groups, initial, segments):
   inputs, h0 = random_inputs(rng, seq=seq, heads=heads, groups=groups, initial_state=initial)
-  seg = random_segments(rng, 2, seq, chunk) if segments else None
-  compare_to_reference(rng, inputs, h0, seg, chunk, F32_TOL, F32_GRAD_TOL)
+  seg = chunk_segments(rng, 2, seq, chunk) if segments else None
+  compare_to_reference(rng, inputs, h0, seg, chunk, F32, F32_GRAD)
+
+
+@pytest.mark.parametrize("seq,chunk,groups", [(64, 16, 2), (32, 32, 1), (48, 8, 4)])
+def test_minimal_matches_reference(rng, seq, chunk, groups):
+  """The teaching form (one document per row, zero initial state) against the scan: y, the final
+  state and the gradients of a random projection of both."""
+  inputs, _ = random_inputs(rng, seq=seq, groups=groups)
+  x, B = inputs[0], inputs[3]
+  y_cot = rng.standard_normal(x.shape).astype(np.float32)
+  state_cot = rng.standard_normal(x.shape[:1] + x.shape[2:] + B.shape[-1:]).astype(np.float32)
+
+  def value_and_grads(fn):
+    def loss(*args):
+      y, final = fn(*args)
+      return jnp.sum(y * y_cot) + jnp.sum(final * state_cot), (y, final)
+    return jax.jit(jax.value_and_grad(loss, argnums=range(5), has_aux=True))(*inputs)
+
+  (_, (y, final)), grads = value_and_grads(functools.partial(ssd_minimal, chunk_size=chunk))
+  (_, (y_ref, final_ref)), grads_ref = value_and_grads(ssd_reference)
+  assert_close(y, y_ref, F32, "y")
+  assert_close(final, final_ref, F32, "final_state")
+  for name, g, g_ref in zip(GRAD_NAMES, grads, grads_ref):
+    assert_close(g, g_ref, F32_GRAD, f"d/d{name}")
 
 
 @pytest.mark.parametrize("seq,chunk,groups", [(64, 64, 1), (100, 16, 2)])
 def test_chunked_bfloat16_inputs(rng, seq, chunk, groups):
   inputs, h0 = random_inputs(rng, seq=seq, groups=groups, initial_state=True)
-  seg = random_segments(rng, 2, seq, chunk)
+  seg = chunk_segments(rng, 2, seq, chunk)
   bf16 = lambda a: jnp.asarray(a, jnp.bfloat16) if a.dtype == np.float32 and a.ndim > 1 else a
-  compare_to_reference(rng, inputs, h0, seg, chunk, BF16_TOL, BF16_GRAD_TOL, cast=bf16)
+  compare_to_reference(rng, inputs, h0, seg, chunk, BF16, BF16_GRAD, cast=bf16)
 
 
 def test_extreme_decays_stay_finite(rng):
@@ -172,7 +165,7 @@ def test_extreme_decays_stay_finite(rng):
   (x, dt, A, B, C), h0 = random_inputs(rng, seq=40, initial_state=True)
   dt = dt * 100.0
   A = np.full_like(A, -16.0)
-  compare_to_reference(rng, (x, dt, A, B, C), h0, None, 16, F32_TOL, F32_GRAD_TOL)
+  compare_to_reference(rng, (x, dt, A, B, C), h0, None, 16, F32, F32_GRAD)
 
 
 def test_steps_match_reference(rng):
@@ -199,7 +192,7 @@ def test_steps_match_reference(rng):
 def test_packed_row_equals_documents_run_separately(rng, impl):
   seq, chunk = 48, 8
   (x, dt, A, B, C), h0 = random_inputs(rng, batch=1, seq=seq, initial_state=True)
-  seg = random_segments(rng, 1, seq, chunk)
+  seg = chunk_segments(rng, 1, seq, chunk)
   run = jax.jit(functools.partial(ssd, impl=impl, chunk_size=chunk))
   y, final = run(x, dt, A, B, C, segment_ids=seg, initial_state=h0)
 
@@ -215,9 +208,9 @@ def test_packed_row_equals_documents_run_separately(rng, impl):
   y_docs, final_docs = run(*map(documents, (x, dt)), A, *map(documents, (B, C)),
                            initial_state=h0_docs)
   for i, (lo, hi) in enumerate(spans):
-    assert_close(y[:, lo:hi], y_docs[i:i + 1, :hi - lo], F32_TOL,
+    assert_close(y[:, lo:hi], y_docs[i:i + 1, :hi - lo], F32,
                  f"y of document [{lo}:{hi}] in {seg}")
-  assert_close(final, final_docs[-1:], F32_TOL, "final_state")
+  assert_close(final, final_docs[-1:], F32, "final_state")
 
 
 def test_final_state_composes_across_splits(rng):
@@ -230,7 +223,8 @@ def test_final_state_composes_across_splits(rng):
   seq, chunk = 64, 16
   k = int(rng.integers(1, seq))
   (x, dt, A, B, C), h0 = random_inputs(rng, seq=seq, initial_state=True)
-  seg = random_segments(rng, 2, seq, chunk, no_boundary_at=[k])
+  seg = chunk_segments(rng, 2, seq, chunk)
+  seg[:, k] = seg[:, k - 1]  # no boundary at k (one is made below, knowingly)
   seg[0] = 1
   on_boundary = rng.random() < 0.5
   if on_boundary:
@@ -247,8 +241,8 @@ def test_final_state_composes_across_splits(rng):
   y2, final2 = run(*(part(a, second) for a in (x, dt, A, B, C)), segment_ids=seg[:, second],
                    initial_state=mid)
   what = f"split at {k}, on a boundary: {on_boundary}, segment_ids={seg}"
-  assert_close(jnp.concatenate([y1, y2], axis=1), y, F32_TOL, f"y, {what}")
-  assert_close(final2, final, F32_TOL, f"final_state, {what}")
+  assert_close(jnp.concatenate([y1, y2], axis=1), y, F32, f"y, {what}")
+  assert_close(final2, final, F32, f"final_state, {what}")
 
 
 def test_dispatch(rng):
@@ -258,5 +252,5 @@ def test_dispatch(rng):
   y_ref, final_ref = ssd_reference(x, dt, A, B, C)
   np.testing.assert_array_equal(y, y_ref)
   np.testing.assert_array_equal(final, final_ref)
-  with pytest.raises(ValueError, match=r"\['auto', 'chunked', 'pallas', 'reference'\]"):
+  with pytest.raises(ValueError, match=r"'auto', 'chunked', 'pallas', 'reference'"):
     ssd(x, dt, A, B, C, impl="triton")

@@ -1,6 +1,7 @@
 """Pallas SSD, run in Pallas's interpreter on CPU, against the scan reference and `ssd_chunked`.
 
-Inputs are fresh every run, drawn as in test_ssd.py (whose helpers and tolerances this reuses):
+Inputs are fresh every run, drawn as in test_ssd.py (whose input helpers this reuses), with the
+tolerances of tests/numerics.py (the matmul operands are bf16 the same way as ssd_chunked's):
 forward y and final_state, and the gradients of a random projection of both w.r.t. x, dt, A, B,
 C and initial_state. The GPU code path runs everywhere below; the TPU path (shifted-add window
 sums, head-major arrays, row vectors) runs in both interpreters in the slow test. Neither Triton
@@ -17,18 +18,9 @@ from jax.experimental.pallas import tpu as pltpu
 
 from lcjax.kernels.ssd import ssd_chunked, ssd_reference
 from lcjax.kernels.ssd_pallas import ssd_pallas, supports
-from tests.kernels.test_ssd import (
-  BF16_GRAD_TOL,
-  BF16_TOL,
-  F32_GRAD_TOL,
-  F32_TOL,
-  assert_close,
-  random_inputs,
-  random_segments,
-)
+from tests.kernels.test_ssd import chunk_segments, random_inputs
+from tests.numerics import BF16, BF16_GRAD, F32, F32_GRAD, assert_close
 
-# F32_GRAD_TOL is 10x F32_TOL: gradients, dA most of all, sum rounding over every position; the
-# bf16 tolerances are test_ssd's too (the matmul operands are bf16 the same way as ssd_chunked's).
 DIMS = dict(heads=4, head_dim=16, d_state=16)
 GRAD_NAMES = ("x", "dt", "A", "B", "C", "initial_state")
 
@@ -75,7 +67,7 @@ def compare(rng, inputs, h0, seg, chunk, tol, grad_tol, cast=None, against_chunk
 
 
 # seq, chunk, groups, initial state, segments. Lengths on and off chunk multiples and shorter than
-# one chunk; groups 1 / some / one per head. random_segments puts boundaries inside chunks and at
+# one chunk; groups 1 / some / one per head. chunk_segments puts boundaries inside chunks and at
 # least one on a chunk edge per row.
 CASES = [
     (64, 16, 1, False, False),
@@ -89,8 +81,8 @@ CASES = [
 @pytest.mark.parametrize("seq,chunk,groups,initial,segments", CASES)
 def test_matches_reference(rng, seq, chunk, groups, initial, segments):
   inputs, h0 = random_inputs(rng, seq=seq, groups=groups, initial_state=initial, **DIMS)
-  seg = random_segments(rng, 2, seq, chunk) if segments else None
-  compare(rng, inputs, h0, seg, chunk, F32_TOL, F32_GRAD_TOL, against_chunked=True)
+  seg = chunk_segments(rng, 2, seq, chunk) if segments else None
+  compare(rng, inputs, h0, seg, chunk, F32, F32_GRAD, against_chunked=True)
 
 
 def _bf16(a):
@@ -104,8 +96,8 @@ def _bf16(a):
 def test_bfloat16_inputs(rng, seq, chunk, groups):
   """bf16 x, dt, B, C vs the float32 scan on the same rounded values (seen: <= 5e-3)."""
   inputs, h0 = random_inputs(rng, seq=seq, groups=groups, initial_state=True, **DIMS)
-  seg = random_segments(rng, 2, seq, chunk)
-  compare(rng, inputs, h0, seg, chunk, BF16_TOL, BF16_GRAD_TOL, cast=_bf16)
+  seg = chunk_segments(rng, 2, seq, chunk)
+  compare(rng, inputs, h0, seg, chunk, BF16, BF16_GRAD, cast=_bf16)
 
 
 def test_extreme_decays_stay_finite(rng):
@@ -113,8 +105,8 @@ def test_extreme_decays_stay_finite(rng):
   (x, dt, A, B, C), h0 = random_inputs(rng, seq=40, initial_state=True, **DIMS)
   dt = dt * 100.0
   A = np.full_like(A, -16.0)
-  seg = random_segments(rng, 2, 40, 16)
-  compare(rng, (x, dt, A, B, C), h0, seg, 16, F32_TOL, F32_GRAD_TOL)
+  seg = chunk_segments(rng, 2, 40, 16)
+  compare(rng, (x, dt, A, B, C), h0, seg, 16, F32, F32_GRAD)
 
 
 @pytest.mark.slow
@@ -124,9 +116,9 @@ def test_tpu_code_path(rng, interpret):
   interpreter and in its TPU interpreter (which also checks reads of unwritten memory)."""
   seq, chunk = 200, 128  # Mosaic needs chunks of 128s
   inputs, h0 = random_inputs(rng, batch=1, seq=seq, groups=2, initial_state=True, **DIMS)
-  seg = random_segments(rng, 1, seq, chunk)
+  seg = chunk_segments(rng, 1, seq, chunk)
   params = True if interpret == "generic" else pltpu.InterpretParams()
-  compare(rng, inputs, h0, seg, chunk, F32_TOL, F32_GRAD_TOL, backend="tpu", interpret=params)
+  compare(rng, inputs, h0, seg, chunk, F32, F32_GRAD, backend="tpu", interpret=params)
 
 
 @pytest.mark.parametrize("platform,backend,chunk", [("cuda", "gpu", 64), ("tpu", "tpu", 128)])

@@ -3,8 +3,7 @@
 Inputs are fresh every run (the seed is printed); x, dt, A, B, C are drawn as in
 tests/kernels/test_ssd.py. Rows go in permuted into the layout's order and come back unpermuted,
 and gradients are taken w.r.t. the unpermuted inputs, so every result is compared with the
-single-device functions on the original rows. Closeness is relative to the largest magnitude of
-the expected array (`assert_close`).
+single-device functions on the original rows, with tests/numerics.py's closeness check.
 """
 import functools
 
@@ -23,20 +22,18 @@ from lcjax.parallel.ssd_sharded import (
   sharded_ssd,
   sharded_ssd_shard,
 )
-from tests.kernels.test_ssd import assert_close, random_inputs
+from tests.kernels.test_ssd import random_inputs
+from tests.numerics import F32, F32_GRAD, assert_close
 
 # Sharded vs one device (chunked or scan), float32: the same arithmetic but for the incoming
 # state, which enters through the per-piece correction instead of the chunk scan. Seen over 16
-# runs: <= 2.3e-7 forward, <= 1.1e-6 gradients (dA). The tolerances are
-# tests/kernels/test_ssd.py's: gradients sum over every position, and chunked vs scan alone has
-# shown 3e-5 there; a wrong reset or decay gives errors of order 1.
-F32_TOL = 1e-5
-F32_GRAD_TOL = 1e-4
+# runs: <= 2.3e-7 forward, <= 1.1e-6 gradients (dA); F32 and F32_GRAD leave room for chunked vs
+# scan alone, which has shown 3e-5 in gradients. A wrong reset or decay gives errors of order 1.
+
 # The conv is a handful of float32 products per output, in the same order either way.
 CONV_TOL = 1e-6
 CHUNK = 8
 GRAD_NAMES = ("x", "dt", "A", "B", "C")
-
 
 
 def make_mesh(axes: dict) -> Mesh:
@@ -134,9 +131,9 @@ def test_sharded_ssd_matches_one_device(rng, axes, seq, groups, layout):
   what = f"{axes} {layout} groups={groups} segment_ids={np.asarray(seg)}"
   for impl, one_device in SINGLE_DEVICE_SSD.items():
     y_ref, grads_ref = value_and_grads(one_device, args, seg, projection)
-    assert_close(y, y_ref, F32_TOL, f"y vs {impl}, {what}")
+    assert_close(y, y_ref, F32, f"y vs {impl}, {what}")
     for name, g, g_ref in zip(GRAD_NAMES, grads, grads_ref):
-      assert_close(g, g_ref, F32_GRAD_TOL, f"d/d{name} vs {impl}, {what}")
+      assert_close(g, g_ref, F32_GRAD, f"d/d{name} vs {impl}, {what}")
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
@@ -146,7 +143,7 @@ def test_sharded_ssd_without_segment_ids(rng, layout):
   sharded = permuted(lambda *a: sharded_ssd(*a, mesh=mesh, layout=layout, chunk_size=CHUNK),
                      layout, 8, 64, along_seq=(0, 1, 3, 4))
   y = jax.jit(functools.partial(sharded, segment_ids=None))(x, dt, A, B, C)
-  assert_close(y, ssd_reference(x, dt, A, B, C)[0], F32_TOL, f"y, {layout}")
+  assert_close(y, ssd_reference(x, dt, A, B, C)[0], F32, f"y, {layout}")
 
 
 def test_sharded_ssd_with_the_pallas_kernel(rng):
@@ -163,9 +160,9 @@ def test_sharded_ssd_with_the_pallas_kernel(rng):
       layout, 4, seq, along_seq=(0, 1, 3, 4))
   y, grads = value_and_grads(sharded, args, seg, projection)
   y_ref, grads_ref = value_and_grads(SINGLE_DEVICE_SSD["reference"], args, seg, projection)
-  assert_close(y, y_ref, F32_TOL, "y")
+  assert_close(y, y_ref, F32, "y")
   for name, g, g_ref in zip(GRAD_NAMES, grads, grads_ref):
-    assert_close(g, g_ref, F32_GRAD_TOL, f"d/d{name}")
+    assert_close(g, g_ref, F32_GRAD, f"d/d{name}")
 
 
 def test_mesh_without_sequence_axis(rng):
@@ -174,7 +171,7 @@ def test_mesh_without_sequence_axis(rng):
   (x, dt, A, B, C), _ = random_inputs(rng, batch=2, seq=seq, heads=4, groups=4, head_dim=4)
   seg = edge_segments(rng, 2, seq, 4)
   y = jax.jit(lambda *a: sharded_ssd(*a, mesh=mesh, chunk_size=CHUNK))(x, dt, A, B, C, seg)
-  assert_close(y, ssd_reference(x, dt, A, B, C, segment_ids=seg)[0], F32_TOL, "y")
+  assert_close(y, ssd_reference(x, dt, A, B, C, segment_ids=seg)[0], F32, "y")
 
 
 @pytest.mark.parametrize("layout,impl", [("zigzag", "chunked"), ("contiguous", "reference")])
@@ -197,9 +194,9 @@ def test_final_state_on_every_shard(rng, layout, impl):
       out_specs=(seq_spec, P("sequence"))))(x[:, perm], dt[:, perm], A, B[:, perm], C[:, perm],
                                            seg[:, perm])
   y_ref, final_ref = ssd_reference(x, dt, A, B, C, segment_ids=seg)
-  assert_close(np.asarray(y)[:, np.argsort(perm)], y_ref, F32_TOL, "y")
+  assert_close(np.asarray(y)[:, np.argsort(perm)], y_ref, F32, "y")
   for shard, final in enumerate(finals):
-    assert_close(final, final_ref, F32_TOL, f"final state on shard {shard}, {seg}")
+    assert_close(final, final_ref, F32, f"final state on shard {shard}, {seg}")
 
 
 # mesh axes, channel axis, layout, with segment ids; 64 tokens, d_conv 4 (a halo of 3). Zigzag
