@@ -1,4 +1,6 @@
-"""Mamba-2 state-space duality (SSD): the scan reference, the chunked form, one decoding step.
+"""Mamba-2 state-space duality (SSD): the scan reference, the minimal chunked form to read
+beside it, the chunked form, one decoding step, and `ssd`, which runs the implementation a
+model names (`SSD`: "chunked", "reference", "pallas", or "auto").
 
 Per head, with a scalar decay per step and a matrix state h `[head_dim, d_state]`:
 
@@ -115,12 +117,11 @@ def ssd_minimal(x, dt, A, B, C, chunk_size):
   # 2. Intra-chunk states: what each chunk leaves behind from its own inputs.
   to_end = decay[..., -1, :]  # [b, c, h, j]: decay from j to the chunk's last position
   states = jnp.einsum("bcjhn,bchj,bcjh,bcjhp->bchpn", B, to_end, dt, x)
-  # 3. Inter-chunk state passing, as one more decay matrix, over chunk boundaries: the state at
-  # boundary z sums every earlier chunk's own state, decayed over the chunks in between.
-  # Boundary z ends chunk z - 1; c indexes the chunk ending at boundary c (0: the zero start).
+  # 3. Inter-chunk state passing: the state at boundary z (the end of chunk z - 1; 0 is the row
+  # start, with a zero state) sums the states left at boundaries c <= z, decayed in between.
   chunk_log = jnp.pad(jnp.moveaxis(a_cum[..., -1], 1, -1), ((0, 0), (0, 0), (1, 0)))  # [b, h, z]
-  boundary_decay = jnp.exp(_segment_sum(chunk_log))  # [b, h, z, c]: decay from boundary c to z
-  padded = jnp.pad(states, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))  # [b, c, h, p, n]
+  boundary_decay = jnp.exp(_segment_sum(chunk_log))  # [b, h, z, c]: from boundary c to z
+  padded = jnp.pad(states, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))  # [b, c, h, p, n] by boundary
   boundary_states = jnp.einsum("bhzc,bchpn->bzhpn", boundary_decay, padded)
   # 4. State -> output, the off-diagonal blocks: y_i += C_i . (decay(start -> i) h_in).
   y_off = jnp.einsum("bcihn,bchpn,bchi->bcihp", C, boundary_states[:, :-1], jnp.exp(a_cum))
@@ -165,8 +166,7 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size=256, segment_ids=None, initial_sta
   (the float32 decay-weighted factors and h_in are cast to it) and accumulate in float32; for
   float32 inputs that is all float32. y is cast to x.dtype at the end.
 
-  Any seq: the tail is padded with dt = 0 and x = B = C = 0 (decay 1, no input: the state passes
-  through unchanged), and y is sliced back.
+  Any seq: padded to whole chunks (`_chunks`: the state passes through), y sliced back.
   """
   check_shapes(x, dt, A, B, C)
   batch, seq, heads, head_dim = x.shape
