@@ -119,7 +119,7 @@ def _ssd_core_bwd(cfg, residuals, cotangents):
   da_cum = da_cum.at[..., cfg.chunk - 1::cfg.chunk].add(
       jnp.moveaxis(d_chunk_decays * chunk_decays, 0, -1))
   dx, db, ddt_state, da_suf = kernels.chunk_states_bwd(cfg, x, B, dt, a_suf, d_own_states, dx, db)
-  groups = kernels.dims(x, B, cfg)[4]
+  _, _, _, _, groups, _ = kernels.dims(x, B, cfg)
   dB = _sum_group_heads(db, groups, cfg).astype(B.dtype)
   dC = _sum_group_heads(dc, groups, cfg).astype(C.dtype)
   return dx, dB, dC, ddt + ddt_state, da, da_cum, da_suf, dh0

@@ -46,7 +46,6 @@ class Config(NamedTuple):
     return self.backend == "tpu"
 
 
-
 # ---------------------------------------------------------------------------------------------
 # In-kernel helpers: 2-D float32 tiles only, so the same code lowers to Triton and Mosaic.
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcjax.kernels.ssd import IMPLS, ssd, ssd_chunked, ssd_minimal, ssd_reference, ssd_step
+from lcjax.kernels.ssd import IMPLS, SSD, ssd, ssd_chunked, ssd_minimal, ssd_reference, ssd_step
 from tests.numerics import BF16, BF16_GRAD, F32, F32_GRAD, assert_close, random_segments
 
 
@@ -254,3 +254,6 @@ def test_dispatch(rng):
   np.testing.assert_array_equal(final, final_ref)
   with pytest.raises(ValueError, match=r"'auto', 'chunked', 'pallas', 'reference'"):
     ssd(x, dt, A, B, C, impl="triton")
+  assert SSD.resolve("auto") == "chunked"
+  with pytest.raises(ValueError, match="'pallas' cannot run these inputs: .*power of two"):
+    ssd(x, dt, A, B, C, impl="pallas", chunk_size=48)
