@@ -18,17 +18,8 @@ from lcjax.kernels.flash_blocks import (
   read_block,
 )
 from lcjax.kernels.mask import Tokens
-from lcjax.kernels.tiles import (
-  dot_nn,
-  dot_tn,
-  f32,
-  pad_axis,
-  probs_and_dscores,
-  scores,
-  softmax_finish,
-  softmax_step,
-  widen,
-)
+from lcjax.kernels import tiles
+from lcjax.kernels.tiles import f32
 
 # -- TPU frame (Mosaic): grid (..., q blocks, kv blocks), state in VMEM scratch ------------------
 # Arrays are [batch, heads, seq, head_dim]; q tokens [batch, seq, 128] (lanes), kv tokens
@@ -49,7 +40,7 @@ def _tpu_mask(plan, q_seg_ref, q_idx_ref, q_pos_ref, kv_seg_ref, kv_idx_ref, kv_
   """The tile's mask: q tokens replicated over lanes, widened to the kv block; kv tokens from
   their first sublane."""
   bk = kv_seg_ref.shape[1]
-  q_tok = (widen(r[...], bk) for r in (q_seg_ref, q_idx_ref, q_pos_ref))
+  q_tok = (tiles.widen(r[...], bk) for r in (q_seg_ref, q_idx_ref, q_pos_ref))
   return plan.mask.visible(*q_tok, *(r[:1, :] for r in (kv_seg_ref, kv_idx_ref, kv_pos_ref)))
 
 
@@ -106,14 +97,13 @@ def _tpu_fwd_kernel(q_table_ref, kv_table_ref, q_ref, k_ref, v_ref, *refs, plan:
   @pl.when(_tpu_live(plan, q_table_ref, kv_table_ref, b, i, j))
   def _():
     mask = _tpu_mask(plan, *tokens)
-    state = (m_ref[...], l_ref[...], acc_ref[...])
-    m, l, acc = softmax_step(scores(q_ref[...], k_ref[...], plan.scale, mask), v_ref[...],
-                             *state)
-    m_ref[...], l_ref[...], acc_ref[...] = m, l, acc
+    s = tiles.scores(q_ref[...], k_ref[...], plan.scale, mask)
+    state = tiles.softmax_step(s, v_ref[...], m_ref[...], l_ref[...], acc_ref[...])
+    m_ref[...], l_ref[...], acc_ref[...] = state
 
   @pl.when(j == plan.nk - 1)
   def _():
-    out, lse = softmax_finish(m_ref[...], l_ref[...], acc_ref[...])
+    out, lse = tiles.softmax_finish(m_ref[...], l_ref[...], acc_ref[...])
     out_ref[...] = out.astype(out_ref.dtype)
     lse_ref[...] = lse
 
@@ -131,9 +121,9 @@ def _tpu_dq_kernel(q_table_ref, kv_table_ref, q_ref, k_ref, v_ref, do_ref, lse_r
   def _():
     mask = _tpu_mask(plan, *tokens)
     k = k_ref[...]
-    _, ds = probs_and_dscores(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...],
-                              delta_ref[...], mask, plan.scale)
-    dq_acc_ref[...] += dot_nn(ds, k)
+    _, ds = tiles.probs_and_dscores(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...],
+                                    delta_ref[...], mask, plan.scale)
+    dq_acc_ref[...] += tiles.dot_nn(ds, k)
 
   @pl.when(j == plan.nk - 1)
   def _():
@@ -155,10 +145,10 @@ def _tpu_dkv_kernel(q_table_ref, kv_table_ref, q_ref, k_ref, v_ref, do_ref, lse_
   def _():
     mask = _tpu_mask(plan, *tokens)
     q, do = q_ref[...], do_ref[...]
-    p, ds = probs_and_dscores(q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...], mask,
-                              plan.scale)
-    dk_acc_ref[...] += dot_tn(ds, q)
-    dv_acc_ref[...] += dot_tn(p, do)
+    p, ds = tiles.probs_and_dscores(q, k_ref[...], v_ref[...], do, lse_ref[...],
+                                    delta_ref[...], mask, plan.scale)
+    dk_acc_ref[...] += tiles.dot_tn(ds, q)
+    dv_acc_ref[...] += tiles.dot_tn(p, do)
 
   @pl.when((g == plan.group - 1) & (i == plan.nq - 1))
   def _():
@@ -180,8 +170,8 @@ def _tpu_rows(x: jax.Array) -> jax.Array:
 
 def _tpu_fwd(plan, q, k, v, q_tokens, kv_tokens, tables):
   batch, _, heads, d = q.shape
-  q = pad_axis(q, 1, plan.q_pad).swapaxes(1, 2)
-  k, v = (pad_axis(x, 1, plan.kv_pad).swapaxes(1, 2) for x in (k, v))
+  q = tiles.pad_axis(q, 1, plan.q_pad).swapaxes(1, 2)
+  k, v = (tiles.pad_axis(x, 1, plan.kv_pad).swapaxes(1, 2) for x in (k, v))
   s = _tpu_q_major_specs(plan, d)
   out, lse = _tpu_call(
       functools.partial(_tpu_fwd_kernel, plan=plan), plan, (batch, heads, plan.nq, plan.nk),
