@@ -1,13 +1,14 @@
 """Flash attention in Pallas (forward and backward) for the mask shared with `attention.py`.
 
-The kernels build the mask from the token arrays (segment id, causal index, in-document position),
-so any token order works: ring attention's blocks, permuted (zigzag, striped) layouts. The
+The kernels build the mask from the token arrays (segment id, causal index, in-document position)
+with `Mask.visible`, so any token order works: ring attention's blocks, permuted (zigzag, striped) layouts. The
 softmax runs online in float32; lse and "queries seeing nothing" follow the `attention.py`
 contract.
 
-Work is skipped per (q block, kv block) pair. Each block's ranges (min/max of index and segment
-id, min position) tell when a pair cannot hold a visible key: every key after every query, segment
-ranges disjoint, or every key outside the window and none a sink. Such a pair is dead. Each q
+Work is skipped per (q block, kv block) pair. Each block's ranges (`mask.Ranges`: min/max of
+index and segment id, min position) tell when a pair cannot hold a visible key (`Mask.live`):
+every key after every query, segment ranges disjoint, or every key outside the window and none a
+sink. Such a pair is dead. Each q
 block loops only from its first to its last live kv block (causal contiguous rows stop at the
 diagonal, windows start late) and skips the dead blocks in between (between the sinks and the
 window; the far half in zigzag layouts). The backward does the same from the kv side.
