@@ -56,20 +56,24 @@ def _gpu_loop_over_kv(plan: _Plan, q_table_ref, kv_table_ref, step, state):
   return lax.fori_loop(lo, hi, body, state)
 
 
-def _gpu_mask(plan: _Plan, q_tok_refs, kv_tok_refs, q_rows, kv_cols):
-  """The mask of a tile: q token rows `q_rows` against kv token columns `kv_cols`."""
-  q_tok = (r[q_rows][:, None] for r in q_tok_refs)
-  return plan.mask.visible(*q_tok, *(r[kv_cols][None, :] for r in kv_tok_refs))
+def _column(refs, at) -> list[jax.Array]:
+  """Token refs (segment, index, position) -> their entries `at` as `[n, 1]` columns (q side)."""
+  return [r[at][:, None] for r in refs]
+
+
+def _row(refs, at) -> list[jax.Array]:
+  """Token refs -> their entries `at` as `[1, n]` rows (kv side)."""
+  return [r[at][None, :] for r in refs]
 
 
 def _gpu_fwd_kernel(q_table_ref, kv_table_ref, q_ref, k_ref, v_ref, q_seg_ref, q_idx_ref,
                     q_pos_ref, kv_seg_ref, kv_idx_ref, kv_pos_ref, out_ref, lse_ref, *,
                     plan: _Plan):
   q = q_ref[...]
-  q_tok, kv_tok = (q_seg_ref, q_idx_ref, q_pos_ref), (kv_seg_ref, kv_idx_ref, kv_pos_ref)
+  q_tok = _column((q_seg_ref, q_idx_ref, q_pos_ref), slice(None))
 
   def step(kv, state):
-    mask = _gpu_mask(plan, q_tok, kv_tok, slice(None), kv)
+    mask = plan.mask.visible(*q_tok, *_row((kv_seg_ref, kv_idx_ref, kv_pos_ref), kv))
     return softmax_step(scores(q, k_ref[kv, :], plan.scale, mask), v_ref[kv, :], *state)
 
   rows = q.shape[0]
@@ -85,11 +89,11 @@ def _gpu_dq_kernel(q_table_ref, kv_table_ref, q_ref, k_ref, v_ref, do_ref, lse_r
                    plan: _Plan):
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
-  q_tok, kv_tok = (q_seg_ref, q_idx_ref, q_pos_ref), (kv_seg_ref, kv_idx_ref, kv_pos_ref)
+  q_tok = _column((q_seg_ref, q_idx_ref, q_pos_ref), slice(None))
 
   def step(kv, dq):
     k = k_ref[kv, :]
-    mask = _gpu_mask(plan, q_tok, kv_tok, slice(None), kv)
+    mask = plan.mask.visible(*q_tok, *_row((kv_seg_ref, kv_idx_ref, kv_pos_ref), kv))
     _, ds = probs_and_dscores(q, k, v_ref[kv, :], do, lse, delta, mask, plan.scale)
     return dq + dot_nn(ds, k)
 
@@ -102,7 +106,7 @@ def _gpu_dkv_kernel(q_table_ref, kv_table_ref, q_ref, k_ref, v_ref, do_ref, lse_
                     dv_ref, *, plan: _Plan):
   """Grid (batch, kv heads, kv blocks); loops over the group's query heads, then q blocks."""
   k, v = k_ref[...], v_ref[...]
-  q_tok, kv_tok = (q_seg_ref, q_idx_ref, q_pos_ref), (kv_seg_ref, kv_idx_ref, kv_pos_ref)
+  kv_tok = _row((kv_seg_ref, kv_idx_ref, kv_pos_ref), slice(None))
   lo, hi, kv_ranges = read_block(lambda f, j: kv_table_ref[f, j], pl.program_id(2))
   bq = plan.block_q
 
@@ -110,7 +114,7 @@ def _gpu_dkv_kernel(q_table_ref, kv_table_ref, q_ref, k_ref, v_ref, do_ref, lse_
     q_slice = pl.ds(pl.multiple_of(i * bq, bq), bq)
     q, do = q_ref[q_slice, g, :], do_ref[q_slice, g, :]
     lse, delta = lse_ref[g, q_slice][:, None], delta_ref[g, q_slice][:, None]
-    mask = _gpu_mask(plan, q_tok, kv_tok, q_slice, slice(None))
+    mask = plan.mask.visible(*_column((q_seg_ref, q_idx_ref, q_pos_ref), q_slice), *kv_tok)
     p, ds = probs_and_dscores(q, k, v, do, lse, delta, mask, plan.scale)
     dk, dv = carry
     return dk + dot_tn(ds, q), dv + dot_tn(p, do)
