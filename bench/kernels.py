@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 from lcjax.kernels import attention as attention_kernels  # noqa: E402
 from lcjax.kernels import ssd as ssd_kernels  # noqa: E402
-from lcjax.kernels.mask import row_tokens  # noqa: E402
+from lcjax.kernels.mask import Mask, row_tokens  # noqa: E402
 
 ON_ACCELERATOR = jax.default_backend() in ("gpu", "tpu")
 # Shapes of one layer: a ~1B-class model on accelerators, a small one on CPU.
@@ -66,7 +66,7 @@ def attention_case(impl: str, seq: int, dtype, mode: str, rng):
   tokens = row_tokens(segment_ids)
 
   def forward(q, k, v):
-    return fn(q, k, v, tokens, tokens, window=None, sinks=0)[0]
+    return fn(q, k, v, tokens, tokens, mask=Mask())[0]
 
   return _timed_fn(forward, (q, k, v), mode)
 

@@ -8,19 +8,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from lcjax.kernels.flash_blocks import (
-  _FIELDS,
-  _dot_t,
-  _live,
-  _pad_axis,
-  _Plan,
-  _probs_and_dscores,
-  _read_block,
-  _scores,
-  _softmax_finish,
-  _softmax_step,
-  _visible,
+from lcjax.kernels.flash_blocks import FIELDS, _Plan, read_block
+from lcjax.kernels.tiles import (
+  dot_nn,
+  dot_tn,
   f32,
+  pad_axis,
+  probs_and_dscores,
+  scores,
+  softmax_finish,
+  softmax_step,
 )
 
 # -- GPU frame (Triton): one program per (batch, head, block); loops over the other side ---------
@@ -41,83 +38,91 @@ def _gpu_specs(plan: _Plan, head_dim: int):
       row_q=pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i)),  # lse, delta
       q_tok=pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
       kv_tok=pl.BlockSpec((None, plan.kv_pad), lambda b, h, i: (b, 0)),
-      q_table=pl.BlockSpec((None, _FIELDS, plan.nq), lambda b, h, i: (b, 0, 0)),
-      kv_table=pl.BlockSpec((None, _FIELDS, plan.nk), lambda b, h, i: (b, 0, 0)),
+      q_table=pl.BlockSpec((None, FIELDS, plan.nq), lambda b, h, i: (b, 0, 0)),
+      kv_table=pl.BlockSpec((None, FIELDS, plan.nk), lambda b, h, i: (b, 0, 0)),
   )
 
 
 def _gpu_loop_over_kv(plan: _Plan, q_table_ref, kv_table_ref, step, state):
   """Runs `step(kv_slice, state)` over the live kv blocks of this program's q block."""
-  lo, hi, q_ranges = _read_block(lambda f, i: q_table_ref[f, i], pl.program_id(2))
+  lo, hi, q_ranges = read_block(lambda f, i: q_table_ref[f, i], pl.program_id(2))
 
   def body(j, state):
-    *_, kv_ranges = _read_block(lambda f, j: kv_table_ref[f, j], j)
+    *_, kv_ranges = read_block(lambda f, j: kv_table_ref[f, j], j)
     kv_slice = pl.ds(pl.multiple_of(j * plan.block_kv, plan.block_kv), plan.block_kv)
-    return lax.cond(_live(q_ranges, kv_ranges, plan.window, plan.sinks),
-                    lambda s: step(kv_slice, s), lambda s: s, state)
+    return lax.cond(plan.mask.live(q_ranges, kv_ranges), lambda s: step(kv_slice, s),
+                    lambda s: s, state)
 
   return lax.fori_loop(lo, hi, body, state)
 
 
+def _column(refs, at) -> list[jax.Array]:
+  """Token refs (segment, index, position) -> their entries `at` as `[n, 1]` columns (q side)."""
+  return [r[at][:, None] for r in refs]
+
+
+def _row(refs, at) -> list[jax.Array]:
+  """Token refs -> their entries `at` as `[1, n]` rows (kv side)."""
+  return [r[at][None, :] for r in refs]
+
+
 def _gpu_fwd_kernel(q_table_ref, kv_table_ref, q_ref, k_ref, v_ref, q_seg_ref, q_idx_ref,
-                    kv_seg_ref, kv_idx_ref, kv_pos_ref, out_ref, lse_ref, *, plan: _Plan):
+                    q_pos_ref, kv_seg_ref, kv_idx_ref, kv_pos_ref, out_ref, lse_ref, *,
+                    plan: _Plan):
   q = q_ref[...]
-  q_seg, q_idx = q_seg_ref[...][:, None], q_idx_ref[...][:, None]
+  q_tok = _column((q_seg_ref, q_idx_ref, q_pos_ref), slice(None))
 
   def step(kv, state):
-    mask = _visible(q_seg, q_idx, kv_seg_ref[kv][None, :], kv_idx_ref[kv][None, :],
-                    kv_pos_ref[kv][None, :], plan.window, plan.sinks)
-    return _softmax_step(_scores(q, k_ref[kv, :], plan.scale), mask, v_ref[kv, :], *state)
+    mask = plan.mask.visible(*q_tok, *_row((kv_seg_ref, kv_idx_ref, kv_pos_ref), kv))
+    return softmax_step(scores(q, k_ref[kv, :], plan.scale, mask), v_ref[kv, :], *state)
 
   rows = q.shape[0]
   state = (jnp.full((rows, 1), -jnp.inf, f32), jnp.zeros((rows, 1), f32),
            jnp.zeros((rows, v_ref.shape[-1]), f32))
-  out, lse = _softmax_finish(*_gpu_loop_over_kv(plan, q_table_ref, kv_table_ref, step, state))
+  out, lse = softmax_finish(*_gpu_loop_over_kv(plan, q_table_ref, kv_table_ref, step, state))
   out_ref[...] = out.astype(out_ref.dtype)
   lse_ref[...] = lse[:, 0]
 
 
 def _gpu_dq_kernel(q_table_ref, kv_table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                   q_seg_ref, q_idx_ref, kv_seg_ref, kv_idx_ref, kv_pos_ref, dq_ref, *,
+                   q_seg_ref, q_idx_ref, q_pos_ref, kv_seg_ref, kv_idx_ref, kv_pos_ref, dq_ref, *,
                    plan: _Plan):
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
-  q_seg, q_idx = q_seg_ref[...][:, None], q_idx_ref[...][:, None]
+  q_tok = _column((q_seg_ref, q_idx_ref, q_pos_ref), slice(None))
 
   def step(kv, dq):
     k = k_ref[kv, :]
-    mask = _visible(q_seg, q_idx, kv_seg_ref[kv][None, :], kv_idx_ref[kv][None, :],
-                    kv_pos_ref[kv][None, :], plan.window, plan.sinks)
-    _, ds = _probs_and_dscores(q, k, v_ref[kv, :], do, lse, delta, mask, plan.scale)
-    return dq + lax.dot(ds.astype(k.dtype), k, preferred_element_type=f32)
+    mask = plan.mask.visible(*q_tok, *_row((kv_seg_ref, kv_idx_ref, kv_pos_ref), kv))
+    _, ds = probs_and_dscores(q, k, v_ref[kv, :], do, lse, delta, mask, plan.scale)
+    return dq + dot_nn(ds, k)
 
   dq = _gpu_loop_over_kv(plan, q_table_ref, kv_table_ref, step, jnp.zeros(q.shape, f32))
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
 def _gpu_dkv_kernel(q_table_ref, kv_table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                    q_seg_ref, q_idx_ref, kv_seg_ref, kv_idx_ref, kv_pos_ref, dk_ref, dv_ref, *,
-                    plan: _Plan):
+                    q_seg_ref, q_idx_ref, q_pos_ref, kv_seg_ref, kv_idx_ref, kv_pos_ref, dk_ref,
+                    dv_ref, *, plan: _Plan):
   """Grid (batch, kv heads, kv blocks); loops over the group's query heads, then q blocks."""
   k, v = k_ref[...], v_ref[...]
-  kv_seg, kv_idx, kv_pos = (r[...][None, :] for r in (kv_seg_ref, kv_idx_ref, kv_pos_ref))
-  lo, hi, kv_ranges = _read_block(lambda f, j: kv_table_ref[f, j], pl.program_id(2))
+  kv_tok = _row((kv_seg_ref, kv_idx_ref, kv_pos_ref), slice(None))
+  lo, hi, kv_ranges = read_block(lambda f, j: kv_table_ref[f, j], pl.program_id(2))
   bq = plan.block_q
 
   def q_block(g, i, carry):
     q_slice = pl.ds(pl.multiple_of(i * bq, bq), bq)
     q, do = q_ref[q_slice, g, :], do_ref[q_slice, g, :]
     lse, delta = lse_ref[g, q_slice][:, None], delta_ref[g, q_slice][:, None]
-    mask = _visible(q_seg_ref[q_slice][:, None], q_idx_ref[q_slice][:, None], kv_seg, kv_idx,
-                    kv_pos, plan.window, plan.sinks)
-    p, ds = _probs_and_dscores(q, k, v, do, lse, delta, mask, plan.scale)
+    mask = plan.mask.visible(*_column((q_seg_ref, q_idx_ref, q_pos_ref), q_slice), *kv_tok)
+    p, ds = probs_and_dscores(q, k, v, do, lse, delta, mask, plan.scale)
     dk, dv = carry
-    return dk + _dot_t(ds, q), dv + _dot_t(p, do)
+    return dk + dot_tn(ds, q), dv + dot_tn(p, do)
 
   def body(g, i, carry):
-    *_, q_ranges = _read_block(lambda f, i: q_table_ref[f, i], i)
-    return lax.cond(_live(q_ranges, kv_ranges, plan.window, plan.sinks),
-                    lambda c: q_block(g, i, c), lambda c: c, carry)
+    *_, q_ranges = read_block(lambda f, i: q_table_ref[f, i], i)
+    return lax.cond(plan.mask.live(q_ranges, kv_ranges), lambda c: q_block(g, i, c),
+                    lambda c: c, carry)
 
   def head(g, carry):
     return lax.fori_loop(lo, hi, lambda i, c: body(g, i, c), carry)
@@ -130,27 +135,27 @@ def _gpu_dkv_kernel(q_table_ref, kv_table_ref, q_ref, k_ref, v_ref, do_ref, lse_
 
 def _gpu_pad_head(x: jax.Array) -> jax.Array:
   """Zero-pads head_dim to a power of two >= 16 (zeros add nothing to q.k and give 0 outputs)."""
-  return _pad_axis(x, 3, max(16, pl.next_power_of_2(x.shape[3])))
+  return pad_axis(x, 3, max(16, pl.next_power_of_2(x.shape[3])))
 
 
 def _gpu_fwd(plan, q, k, v, q_tokens, kv_tokens, tables):
   batch, _, heads, _ = q.shape
-  q = _gpu_pad_head(_pad_axis(q, 1, plan.q_pad))
-  k, v = (_gpu_pad_head(_pad_axis(x, 1, plan.kv_pad)) for x in (k, v))
+  q = _gpu_pad_head(pad_axis(q, 1, plan.q_pad))
+  k, v = (_gpu_pad_head(pad_axis(x, 1, plan.kv_pad)) for x in (k, v))
   d = q.shape[3]
   s = _gpu_specs(plan, d)
   out, lse = pl.pallas_call(
       functools.partial(_gpu_fwd_kernel, plan=plan),
       grid=(batch, heads, plan.nq),
-      in_specs=[s["q_table"], s["kv_table"], s["q"], s["kv"], s["kv"], s["q_tok"], s["q_tok"],
-                s["kv_tok"], s["kv_tok"], s["kv_tok"]],
+      in_specs=[s["q_table"], s["kv_table"], s["q"], s["kv"], s["kv"], *[s["q_tok"]] * 3,
+                *[s["kv_tok"]] * 3],
       out_specs=[s["q"], s["row_q"]],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, plan.q_pad), f32)],
       compiler_params=_gpu_compiler_params(d),
       interpret=plan.interpret,
       name="flash_fwd",
-  )(*tables, q, k, v, q_tokens.segment_ids, q_tokens.index, *kv_tokens)
+  )(*tables, q, k, v, *q_tokens, *kv_tokens)
   return out[:, :, :, :plan.head_dim], lse
 
 
@@ -161,12 +166,12 @@ def _gpu_bwd(plan, q, k, v, q_tokens, kv_tokens, tables, do, lse, delta):
   k, v = (_gpu_pad_head(x) for x in (k, v))
   d = q.shape[3]
   s = _gpu_specs(plan, d)
-  tokens = (q_tokens.segment_ids, q_tokens.index, *kv_tokens)
+  tokens = (*q_tokens, *kv_tokens)
   dq = pl.pallas_call(
       functools.partial(_gpu_dq_kernel, plan=plan),
       grid=(batch, heads, plan.nq),
       in_specs=[s["q_table"], s["kv_table"], s["q"], s["kv"], s["kv"], s["q"], s["row_q"],
-                s["row_q"], s["q_tok"], s["q_tok"], s["kv_tok"], s["kv_tok"], s["kv_tok"]],
+                s["row_q"], *[s["q_tok"]] * 3, *[s["kv_tok"]] * 3],
       out_specs=s["q"],
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_gpu_compiler_params(d),
@@ -181,12 +186,12 @@ def _gpu_bwd(plan, q, k, v, q_tokens, kv_tokens, tables, do, lse, delta):
   row_stats = pl.BlockSpec((None, group, plan.q_pad), lambda b, h, j: (b, h, 0))
   q_tok = pl.BlockSpec((None, plan.q_pad), lambda b, h, j: (b, 0))
   kv_tok = pl.BlockSpec((None, bk), lambda b, h, j: (b, j))
-  table = lambda n: pl.BlockSpec((None, _FIELDS, n), lambda b, h, j: (b, 0, 0))
+  table = lambda n: pl.BlockSpec((None, FIELDS, n), lambda b, h, j: (b, 0, 0))
   dk, dv = pl.pallas_call(
       functools.partial(_gpu_dkv_kernel, plan=plan),
       grid=(batch, kv_heads, plan.nk),
       in_specs=[table(plan.nq), table(plan.nk), q_rows, kv_block, kv_block, q_rows, row_stats,
-                row_stats, q_tok, q_tok, kv_tok, kv_tok, kv_tok],
+                row_stats, q_tok, q_tok, q_tok, kv_tok, kv_tok, kv_tok],
       out_specs=[kv_block, kv_block],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
       compiler_params=_gpu_compiler_params(d),

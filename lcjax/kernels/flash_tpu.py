@@ -9,25 +9,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from lcjax.kernels.flash_blocks import (
-  _FIELDS,
-  _SPAN_HI,
-  _SPAN_LO,
+  FIELDS,
   NUM_LANES,
   NUM_SUBLANES,
-  _dot_t,
-  _live,
-  _pad_axis,
+  SPAN_HI,
+  SPAN_LO,
   _Plan,
-  _probs_and_dscores,
-  _read_block,
-  _scores,
-  _softmax_finish,
-  _softmax_step,
-  _visible,
-  _widen,
-  f32,
+  read_block,
 )
 from lcjax.kernels.mask import Tokens
+from lcjax.kernels import tiles
+from lcjax.kernels.tiles import f32
 
 # -- TPU frame (Mosaic): grid (..., q blocks, kv blocks), state in VMEM scratch ------------------
 # Arrays are [batch, heads, seq, head_dim]; q tokens [batch, seq, 128] (lanes), kv tokens
@@ -36,7 +28,7 @@ from lcjax.kernels.mask import Tokens
 
 
 def _tpu_reader(table_ref, b, n):
-  return lambda f, j: table_ref[(b * _FIELDS + f) * n + j]
+  return lambda f, j: table_ref[(b * FIELDS + f) * n + j]
 
 
 def _clamp(j, lo, hi):
@@ -44,11 +36,12 @@ def _clamp(j, lo, hi):
   return jnp.maximum(jnp.minimum(j, hi - 1), lo)
 
 
-def _tpu_mask(plan, q_seg_ref, q_idx_ref, kv_seg_ref, kv_idx_ref, kv_pos_ref):
+def _tpu_mask(plan, q_seg_ref, q_idx_ref, q_pos_ref, kv_seg_ref, kv_idx_ref, kv_pos_ref):
+  """The tile's mask: q tokens replicated over lanes, widened to the kv block; kv tokens from
+  their first sublane."""
   bk = kv_seg_ref.shape[1]
-  q_seg, q_idx = (_widen(r[...], bk) for r in (q_seg_ref, q_idx_ref))
-  kv_seg, kv_idx, kv_pos = (r[:1, :] for r in (kv_seg_ref, kv_idx_ref, kv_pos_ref))
-  return _visible(q_seg, q_idx, kv_seg, kv_idx, kv_pos, plan.window, plan.sinks)
+  q_tok = (tiles.widen(r[...], bk) for r in (q_seg_ref, q_idx_ref, q_pos_ref))
+  return plan.mask.visible(*q_tok, *(r[:1, :] for r in (kv_seg_ref, kv_idx_ref, kv_pos_ref)))
 
 
 def _tpu_q_major_specs(plan: _Plan, head_dim: int):
@@ -57,7 +50,7 @@ def _tpu_q_major_specs(plan: _Plan, head_dim: int):
 
   def kv_block(b, i, j, q_table):
     read = _tpu_reader(q_table, b, nq)
-    return _clamp(j, read(_SPAN_LO, i), read(_SPAN_HI, i))
+    return _clamp(j, read(SPAN_LO, i), read(SPAN_HI, i))
 
   return dict(
       q=pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j, *_: (b, h, i, 0)),
@@ -86,14 +79,13 @@ def _tpu_call(kernel, plan, grid, in_specs, out_specs, out_shape, scratch, seque
 
 
 def _tpu_live(plan, q_table_ref, kv_table_ref, b, i, j):
-  *_, q_ranges = _read_block(_tpu_reader(q_table_ref, b, plan.nq), i)
-  *_, kv_ranges = _read_block(_tpu_reader(kv_table_ref, b, plan.nk), j)
-  return _live(q_ranges, kv_ranges, plan.window, plan.sinks)
+  *_, q_ranges = read_block(_tpu_reader(q_table_ref, b, plan.nq), i)
+  *_, kv_ranges = read_block(_tpu_reader(kv_table_ref, b, plan.nk), j)
+  return plan.mask.live(q_ranges, kv_ranges)
 
 
-def _tpu_fwd_kernel(q_table_ref, kv_table_ref, q_ref, k_ref, v_ref, q_seg_ref, q_idx_ref,
-                    kv_seg_ref, kv_idx_ref, kv_pos_ref, out_ref, lse_ref, m_ref, l_ref, acc_ref,
-                    *, plan: _Plan):
+def _tpu_fwd_kernel(q_table_ref, kv_table_ref, q_ref, k_ref, v_ref, *refs, plan: _Plan):
+  *tokens, out_ref, lse_ref, m_ref, l_ref, acc_ref = refs  # 6 token refs (`_tpu_mask`)
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
   @pl.when(j == 0)
@@ -104,22 +96,21 @@ def _tpu_fwd_kernel(q_table_ref, kv_table_ref, q_ref, k_ref, v_ref, q_seg_ref, q
 
   @pl.when(_tpu_live(plan, q_table_ref, kv_table_ref, b, i, j))
   def _():
-    mask = _tpu_mask(plan, q_seg_ref, q_idx_ref, kv_seg_ref, kv_idx_ref, kv_pos_ref)
-    state = (m_ref[...], l_ref[...], acc_ref[...])
-    m, l, acc = _softmax_step(_scores(q_ref[...], k_ref[...], plan.scale), mask, v_ref[...],
-                              *state)
-    m_ref[...], l_ref[...], acc_ref[...] = m, l, acc
+    mask = _tpu_mask(plan, *tokens)
+    s = tiles.scores(q_ref[...], k_ref[...], plan.scale, mask)
+    state = tiles.softmax_step(s, v_ref[...], m_ref[...], l_ref[...], acc_ref[...])
+    m_ref[...], l_ref[...], acc_ref[...] = state
 
   @pl.when(j == plan.nk - 1)
   def _():
-    out, lse = _softmax_finish(m_ref[...], l_ref[...], acc_ref[...])
+    out, lse = tiles.softmax_finish(m_ref[...], l_ref[...], acc_ref[...])
     out_ref[...] = out.astype(out_ref.dtype)
     lse_ref[...] = lse
 
 
 def _tpu_dq_kernel(q_table_ref, kv_table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                   q_seg_ref, q_idx_ref, kv_seg_ref, kv_idx_ref, kv_pos_ref, dq_ref, dq_acc_ref,
-                   *, plan: _Plan):
+                   *refs, plan: _Plan):
+  *tokens, dq_ref, dq_acc_ref = refs
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
   @pl.when(j == 0)
@@ -128,11 +119,11 @@ def _tpu_dq_kernel(q_table_ref, kv_table_ref, q_ref, k_ref, v_ref, do_ref, lse_r
 
   @pl.when(_tpu_live(plan, q_table_ref, kv_table_ref, b, i, j))
   def _():
-    mask = _tpu_mask(plan, q_seg_ref, q_idx_ref, kv_seg_ref, kv_idx_ref, kv_pos_ref)
+    mask = _tpu_mask(plan, *tokens)
     k = k_ref[...]
-    _, ds = _probs_and_dscores(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...],
-                               delta_ref[...], mask, plan.scale)
-    dq_acc_ref[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=f32)
+    _, ds = tiles.probs_and_dscores(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...],
+                                    delta_ref[...], mask, plan.scale)
+    dq_acc_ref[...] += tiles.dot_nn(ds, k)
 
   @pl.when(j == plan.nk - 1)
   def _():
@@ -140,9 +131,9 @@ def _tpu_dq_kernel(q_table_ref, kv_table_ref, q_ref, k_ref, v_ref, do_ref, lse_r
 
 
 def _tpu_dkv_kernel(q_table_ref, kv_table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                    q_seg_ref, q_idx_ref, kv_seg_ref, kv_idx_ref, kv_pos_ref, dk_ref, dv_ref,
-                    dk_acc_ref, dv_acc_ref, *, plan: _Plan):
+                    *refs, plan: _Plan):
   """Grid (batch, kv heads, kv blocks, group, q blocks): sums over the group's query heads."""
+  *tokens, dk_ref, dv_ref, dk_acc_ref, dv_acc_ref = refs
   b, j, g, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
 
   @pl.when((g == 0) & (i == 0))
@@ -152,12 +143,12 @@ def _tpu_dkv_kernel(q_table_ref, kv_table_ref, q_ref, k_ref, v_ref, do_ref, lse_
 
   @pl.when(_tpu_live(plan, q_table_ref, kv_table_ref, b, i, j))
   def _():
-    mask = _tpu_mask(plan, q_seg_ref, q_idx_ref, kv_seg_ref, kv_idx_ref, kv_pos_ref)
+    mask = _tpu_mask(plan, *tokens)
     q, do = q_ref[...], do_ref[...]
-    p, ds = _probs_and_dscores(q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...], mask,
-                               plan.scale)
-    dk_acc_ref[...] += _dot_t(ds, q)
-    dv_acc_ref[...] += _dot_t(p, do)
+    p, ds = tiles.probs_and_dscores(q, k_ref[...], v_ref[...], do, lse_ref[...],
+                                    delta_ref[...], mask, plan.scale)
+    dk_acc_ref[...] += tiles.dot_tn(ds, q)
+    dv_acc_ref[...] += tiles.dot_tn(p, do)
 
   @pl.when((g == plan.group - 1) & (i == plan.nq - 1))
   def _():
@@ -166,10 +157,10 @@ def _tpu_dkv_kernel(q_table_ref, kv_table_ref, q_ref, k_ref, v_ref, do_ref, lse_
 
 
 def _tpu_tokens(q_tokens: Tokens, kv_tokens: Tokens):
-  """q segment/index broadcast over lanes [batch, seq, 128]; kv tokens over sublanes."""
+  """q tokens broadcast over lanes [batch, seq, 128]; kv tokens over sublanes."""
   lanes = lambda x: jnp.broadcast_to(x[:, :, None], (*x.shape, NUM_LANES))
   sublanes = lambda x: jnp.broadcast_to(x[:, None, :], (x.shape[0], NUM_SUBLANES, x.shape[1]))
-  return (lanes(q_tokens.segment_ids), lanes(q_tokens.index), *map(sublanes, kv_tokens))
+  return (*map(lanes, q_tokens), *map(sublanes, kv_tokens))
 
 
 def _tpu_rows(x: jax.Array) -> jax.Array:
@@ -179,12 +170,12 @@ def _tpu_rows(x: jax.Array) -> jax.Array:
 
 def _tpu_fwd(plan, q, k, v, q_tokens, kv_tokens, tables):
   batch, _, heads, d = q.shape
-  q = _pad_axis(q, 1, plan.q_pad).swapaxes(1, 2)
-  k, v = (_pad_axis(x, 1, plan.kv_pad).swapaxes(1, 2) for x in (k, v))
+  q = tiles.pad_axis(q, 1, plan.q_pad).swapaxes(1, 2)
+  k, v = (tiles.pad_axis(x, 1, plan.kv_pad).swapaxes(1, 2) for x in (k, v))
   s = _tpu_q_major_specs(plan, d)
   out, lse = _tpu_call(
       functools.partial(_tpu_fwd_kernel, plan=plan), plan, (batch, heads, plan.nq, plan.nk),
-      [s["q"], s["kv"], s["kv"], s["q_tok"], s["q_tok"], s["kv_tok"], s["kv_tok"], s["kv_tok"]],
+      [s["q"], s["kv"], s["kv"], *[s["q_tok"]] * 3, *[s["kv_tok"]] * 3],
       [s["q"], s["row_q"]],
       [jax.ShapeDtypeStruct(q.shape, q.dtype),
        jax.ShapeDtypeStruct((batch, heads, plan.q_pad, NUM_LANES), f32)],
@@ -205,8 +196,8 @@ def _tpu_bwd(plan, q, k, v, q_tokens, kv_tokens, tables, do, lse, delta):
   s = _tpu_q_major_specs(plan, d)
   dq = _tpu_call(
       functools.partial(_tpu_dq_kernel, plan=plan), plan, (batch, heads, plan.nq, plan.nk),
-      [s["q"], s["kv"], s["kv"], s["q"], s["row_q"], s["row_q"], s["q_tok"], s["q_tok"],
-       s["kv_tok"], s["kv_tok"], s["kv_tok"]],
+      [s["q"], s["kv"], s["kv"], s["q"], s["row_q"], s["row_q"], *[s["q_tok"]] * 3,
+       *[s["kv_tok"]] * 3],
       s["q"], jax.ShapeDtypeStruct(q.shape, q.dtype), [pltpu.VMEM((plan.block_q, d), f32)],
       sequential=1, name="flash_bwd_dq",
   )(*flat_tables, q, k, v, do, lse, delta, *tokens)
@@ -216,7 +207,7 @@ def _tpu_bwd(plan, q, k, v, q_tokens, kv_tokens, tables, do, lse, delta):
 
   def q_block(b, j, i, kv_table):
     read = _tpu_reader(kv_table, b, nk)
-    return _clamp(i, read(_SPAN_LO, j), read(_SPAN_HI, j))
+    return _clamp(i, read(SPAN_LO, j), read(SPAN_HI, j))
 
   q_spec = pl.BlockSpec((None, None, bq, d),
                         lambda b, h, j, g, i, qt, kt: (b, h * group + g, q_block(b, j, i, kt), 0))
@@ -229,7 +220,7 @@ def _tpu_bwd(plan, q, k, v, q_tokens, kv_tokens, tables, do, lse, delta):
   dk, dv = _tpu_call(
       functools.partial(_tpu_dkv_kernel, plan=plan), plan,
       (batch, kv_heads, nk, group, plan.nq),
-      [q_spec, kv_spec, kv_spec, q_spec, rows, rows, q_tok, q_tok, kv_tok, kv_tok, kv_tok],
+      [q_spec, kv_spec, kv_spec, q_spec, rows, rows, *[q_tok] * 3, *[kv_tok] * 3],
       [kv_spec, kv_spec], [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
       [pltpu.VMEM((bk, d), f32), pltpu.VMEM((bk, d), f32)],
       sequential=2, name="flash_bwd_dkv",

@@ -5,17 +5,18 @@ Each device holds `L = seq / N` tokens of every row (in the order of a layout, s
 
     ring        k, v and their Tokens travel around the ring with `lax.ppermute`; after N steps
                 every device has seen every kv block. The partial (out, lse) of each block
-                (`blockwise_fwd`) are merged by their log-sum-exp. Memory: one extra kv block.
-                The backward is a second ring in which dk, dv accumulators travel with their
-                k, v, each device adding its share; after the full circle they are home.
+                (`blockwise_fwd`) are merged by their log-sum-exp (`tiles.merge`). Memory: one
+                extra kv block. The backward is a second ring in which dk, dv accumulators
+                travel with their k, v, each device adding its share; after the full circle
+                they are home.
     allgather   all-gather k and v, attend locally (`blockwise_attention`); autodiff turns the
                 gather into a reduce-scatter of dk, dv. Memory: the whole kv sequence.
 
 A ring step whose kv block the mask hides entirely from the local queries is skipped
-(`fully_masked`, from index ranges): with causal attention on the contiguous layout device d
-skips the N-1-d steps that bring it later blocks, so the last device does all the work; zigzag
-and striped give every device about the same amount. The mask compares `Tokens.index`, the
-original token order, so any layout gives the same result.
+(`Mask.live`, on the token ranges of the two blocks): with causal attention on the contiguous
+layout device d skips the N-1-d steps that bring it later blocks, so the last device does all
+the work; zigzag and striped give every device about the same amount. The mask compares
+`Tokens.index`, the original token order, so any layout gives the same result.
 
 The per-block work is a kernel of `lcjax.kernels` that returns the log-sum-exp: `blockwise`
 (plain JAX, any backend) or `pallas` (the Pallas flash kernel; interpret mode on CPU), picked by
@@ -27,7 +28,6 @@ blockwise path).
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -35,15 +35,12 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from lcjax.kernels.blockwise_attention import (
-  blockwise_attention,
-  blockwise_bwd,
-  blockwise_fwd,
-  fully_masked,
-)
+from lcjax.kernels import tiles
+from lcjax.kernels.blockwise_attention import blockwise_attention, blockwise_bwd, blockwise_fwd
 from lcjax.kernels.flash_attention import flash_attention, flash_bwd, flash_fwd
-from lcjax.kernels.mask import Tokens, check_mask_args
+from lcjax.kernels.mask import Mask, Tokens, block_ranges
 from lcjax.parallel.layout import check_layout, shard_index
+from lcjax.parallel.mesh import axes_size, present_axes
 
 f32 = jnp.float32
 
@@ -60,17 +57,16 @@ def _block_kernels(kernel: str):
   raise ValueError(f"Unknown per-block attention kernel {kernel!r}: 'blockwise' or 'pallas'.")
 
 
-def _merge(a, b):
-  """Combines (out float32 `[batch, L, heads, d]`, lse `[batch, heads, L]`) of two disjoint
-  sets of keys into those of their union."""
-  (out_a, lse_a), (out_b, lse_b) = a, b
-  lse = jnp.logaddexp(lse_a, lse_b)  # -inf where neither saw anything
-  safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+def _merge(acc, out, lse):
+  """Adds a block's (out `[batch, L, heads, d]`, lse `[batch, heads, L]`) to the accumulated
+  (out float32, lse `[batch, L, heads, 1]`) of the blocks before."""
+  return tiles.merge(*acc, out.astype(f32), jnp.swapaxes(lse, 1, 2)[..., None])
 
-  def weight(x):  # [batch, heads, L] -> [batch, L, heads, 1]
-    return jnp.swapaxes(jnp.exp(x - safe), 1, 2)[..., None]
 
-  return weight(lse_a) * out_a + weight(lse_b) * out_b, lse
+def _sees_block(mask: Mask, q_tokens: Tokens, kv_tokens: Tokens) -> jax.Array:
+  """bool scalar: whether some local query may see a key of the kv block (`Mask.live`)."""
+  whole = lambda t: block_ranges(t, t.index.shape[1])  # one block: the device's tokens
+  return jnp.any(mask.live_pairs(whole(q_tokens), whole(kv_tokens)))
 
 
 def _ring(axis_name):
@@ -78,8 +74,7 @@ def _ring(axis_name):
   return n, [(i, (i + 1) % n) for i in range(n)]  # device i sends to i + 1
 
 
-def _ring_forward(q, k, v, q_tokens, kv_tokens, axis_name, window, sinks, block_q, block_kv,
-                  kernel):
+def _ring_forward(q, k, v, q_tokens, kv_tokens, axis_name, mask, block_q, block_kv, kernel):
   """(out in q.dtype, lse float32) of the local queries over the keys of every device."""
   n, perm = _ring(axis_name)
   block_fwd = _block_kernels(kernel)[0]
@@ -93,11 +88,9 @@ def _ring_forward(q, k, v, q_tokens, kv_tokens, axis_name, window, sinks, block_
     k, v, kv_tokens = kv
 
     def attend(acc):
-      out, lse = block_fwd(q, k, v, q_tokens, kv_tokens, window=window, sinks=sinks, **blocks)
-      return _merge(acc, (out.astype(f32), lse))
+      return _merge(acc, *block_fwd(q, k, v, q_tokens, kv_tokens, mask=mask, **blocks))
 
-    skip = fully_masked(q_tokens, kv_tokens, window=window, sinks=sinks)
-    return lax.cond(skip, lambda acc: acc, attend, acc)
+    return lax.cond(_sees_block(mask, q_tokens, kv_tokens), attend, lambda acc: acc, acc)
 
   def step(carry, _):
     acc, kv = carry
@@ -105,29 +98,27 @@ def _ring_forward(q, k, v, q_tokens, kv_tokens, axis_name, window, sinks, block_
     return (add_block(acc, kv), sent), None
 
   # zeros_like/full_like keep q's varying mesh axes, which shard_map checks on loop carries.
-  acc = (jnp.zeros_like(q, dtype=f32),
-         jnp.full_like(jnp.swapaxes(q[..., 0], 1, 2), -jnp.inf, dtype=f32))
+  acc = (jnp.zeros_like(q, dtype=f32), jnp.full_like(q[..., :1], -jnp.inf, dtype=f32))
   # N - 1 steps that pass the block on, then the last block, which need not travel further.
   (acc, kv), _ = lax.scan(step, (acc, (k, v, kv_tokens)), length=n - 1)
   out, lse = add_block(acc, kv)
-  return out.astype(q.dtype), lse
+  return out.astype(q.dtype), jnp.swapaxes(lse[..., 0], 1, 2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
-def _ring_attention(q, k, v, q_tokens, kv_tokens, axis_name, window, sinks, block_q, block_kv,
-                    kernel):
-  return _ring_forward(q, k, v, q_tokens, kv_tokens, axis_name, window, sinks, block_q,
-                       block_kv, kernel)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _ring_attention(q, k, v, q_tokens, kv_tokens, axis_name, mask, block_q, block_kv, kernel):
+  return _ring_forward(q, k, v, q_tokens, kv_tokens, axis_name, mask, block_q, block_kv,
+                       kernel)[0]
 
 
-def _ring_attention_fwd(q, k, v, q_tokens, kv_tokens, axis_name, window, sinks, block_q,
-                        block_kv, kernel):
-  out, lse = _ring_forward(q, k, v, q_tokens, kv_tokens, axis_name, window, sinks, block_q,
-                           block_kv, kernel)
+def _ring_attention_fwd(q, k, v, q_tokens, kv_tokens, axis_name, mask, block_q, block_kv,
+                        kernel):
+  out, lse = _ring_forward(q, k, v, q_tokens, kv_tokens, axis_name, mask, block_q, block_kv,
+                           kernel)
   return out, (q, k, v, q_tokens, kv_tokens, out, lse)
 
 
-def _ring_attention_bwd(axis_name, window, sinks, block_q, block_kv, kernel, residuals, dout):
+def _ring_attention_bwd(axis_name, mask, block_q, block_kv, kernel, residuals, dout):
   q, k, v, q_tokens, kv_tokens, out, lse = residuals
   n, perm = _ring(axis_name)
   block_bwd = _block_kernels(kernel)[1]
@@ -138,15 +129,13 @@ def _ring_attention_bwd(axis_name, window, sinks, block_q, block_kv, kernel, res
 
     def grads():
       # The global out and lse: this gives the block's share of dq and its full dk, dv.
-      grads = block_bwd(q, k, v, q_tokens, kv_tokens, out, lse, dout, window=window,
-                        sinks=sinks, **blocks)
+      grads = block_bwd(q, k, v, q_tokens, kv_tokens, out, lse, dout, mask=mask, **blocks)
       return tuple(g.astype(f32) for g in grads)
 
     def nothing():
       return jnp.zeros_like(dq), *(jnp.zeros_like(x) for x in dkv)
 
-    skip = fully_masked(q_tokens, kv_tokens, window=window, sinks=sinks)
-    dq_part, dk_part, dv_part = lax.cond(skip, nothing, grads)
+    dq_part, dk_part, dv_part = lax.cond(_sees_block(mask, q_tokens, kv_tokens), grads, nothing)
     return dq + dq_part, (dkv[0] + dk_part, dkv[1] + dv_part)
 
   def step(carry, _):
@@ -169,8 +158,8 @@ _ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
 
 
 def ring_attention_shard(q: jax.Array, k: jax.Array, v: jax.Array, q_tokens: Tokens,
-                         kv_tokens: Tokens, *, axis_name: str, window: int | None = None,
-                         sinks: int = 0, block_q: int = 512, block_kv: int = 512,
+                         kv_tokens: Tokens, *, axis_name: str, mask: Mask = Mask(),
+                         block_q: int = 512, block_kv: int = 512,
                          kernel: str = "blockwise") -> jax.Array:
   """Per device, inside `shard_map`: the attention of the local queries over the keys of all
   devices on `axis_name`. q `[batch, L, heads, head_dim]`, k, v `[batch, L, kv_heads,
@@ -178,21 +167,20 @@ def ring_attention_shard(q: jax.Array, k: jax.Array, v: jax.Array, q_tokens: Tok
 
   The backward saves only the local q, k, v, tokens, out and lse, and runs a second ring.
   """
-  check_mask_args(window, sinks)
-  return _ring_attention(q, k, v, q_tokens, kv_tokens, axis_name, window, sinks, block_q,
-                         block_kv, kernel)
+  return _ring_attention(q, k, v, q_tokens, kv_tokens, axis_name, mask, block_q, block_kv,
+                         kernel)
 
 
 def allgather_attention_shard(q: jax.Array, k: jax.Array, v: jax.Array, q_tokens: Tokens,
-                              kv_tokens: Tokens, *, axis_name: str, window: int | None = None,
-                              sinks: int = 0, block_q: int = 512, block_kv: int = 512,
+                              kv_tokens: Tokens, *, axis_name: str, mask: Mask = Mask(),
+                              block_q: int = 512, block_kv: int = 512,
                               kernel: str = "blockwise") -> jax.Array:
   """As `ring_attention_shard`, by gathering every device's k, v and kv Tokens first."""
   gather = functools.partial(lax.all_gather, axis_name=axis_name, axis=1, tiled=True)
   k, v, kv_tokens = gather(k), gather(v), jax.tree.map(gather, kv_tokens)
   attend = _block_kernels(kernel)[2]
   blocks = dict(block_q=block_q, block_kv=block_kv)
-  return attend(q, k, v, q_tokens, kv_tokens, window=window, sinks=sinks, **blocks)[0]
+  return attend(q, k, v, q_tokens, kv_tokens, mask=mask, **blocks)[0]
 
 
 METHODS = {"ring": ring_attention_shard, "allgather": allgather_attention_shard}
@@ -200,10 +188,10 @@ METHODS = {"ring": ring_attention_shard, "allgather": allgather_attention_shard}
 
 def sequence_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
                        positions: jax.Array | None, *, mesh: Mesh, layout: str = "contiguous",
-                       method: str = "ring", window: int | None = None, sinks: int = 0,
-                       batch_axes=("data", "fsdp"), seq_axis: str = "sequence",
-                       head_axis: str | None = "tensor", block_q: int = 512,
-                       block_kv: int = 512, kernel: str = "blockwise") -> jax.Array:
+                       method: str = "ring", mask: Mask = Mask(), batch_axes=("data", "fsdp"),
+                       seq_axis: str = "sequence", head_axis: str | None = "tensor",
+                       block_q: int = 512, block_kv: int = 512,
+                       kernel: str = "blockwise") -> jax.Array:
   """Self-attention of global arrays whose rows are split over `seq_axis` of `mesh`.
 
   q `[batch, seq, heads, head_dim]`, k, v `[batch, seq, kv_heads, head_dim]`, segment_ids and
@@ -217,7 +205,6 @@ def sequence_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: ja
   if method not in METHODS:
     raise ValueError(f"Unknown sequence attention method {method!r}; choose one of "
                      f"{sorted(METHODS)}.")
-  check_mask_args(window, sinks)
   if seq_axis not in mesh.shape:
     raise ValueError(
         f"The mesh (axes {dict(mesh.shape)}) has no sequence axis {seq_axis!r}. Add it to the "
@@ -226,13 +213,12 @@ def sequence_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: ja
   kv_heads = k.shape[2]
   shards = mesh.shape[seq_axis]
   check_layout(layout, seq, shards)
-  batch_axes = tuple(a for a in batch_axes if a in mesh.shape) or None
-  head_axis = head_axis if head_axis in mesh.shape else None
-  n_batch = math.prod(mesh.shape[a] for a in batch_axes or ())
+  batch_axes, head_axis = present_axes(mesh, batch_axes), present_axes(mesh, head_axis)
+  n_batch = axes_size(mesh, batch_axes)
   if batch % n_batch:
     raise ValueError(f"Batch size {batch} is not divisible by the {n_batch} devices of the "
                      f"batch mesh axes {batch_axes}. Use a multiple of {n_batch}.")
-  n_heads = mesh.shape[head_axis] if head_axis else 1
+  n_heads = axes_size(mesh, head_axis)
   if heads % n_heads or kv_heads % n_heads:
     raise ValueError(
         f"heads={heads} and kv_heads={kv_heads} must both be divisible by the {n_heads} "
@@ -244,8 +230,8 @@ def sequence_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: ja
     index = jnp.broadcast_to(index, segment_ids.shape)
     # One document per row: a token's position is its original index.
     tokens = Tokens(segment_ids, index, index if positions is None else positions)
-    return METHODS[method](q, k, v, tokens, tokens, axis_name=seq_axis, window=window,
-                           sinks=sinks, block_q=block_q, block_kv=block_kv, kernel=kernel)
+    return METHODS[method](q, k, v, tokens, tokens, axis_name=seq_axis, mask=mask,
+                           block_q=block_q, block_kv=block_kv, kernel=kernel)
 
   heads_spec = P(batch_axes, seq_axis, head_axis, None)
   rows = (segment_ids,) if positions is None else (segment_ids, positions)

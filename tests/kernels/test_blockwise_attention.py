@@ -11,57 +11,23 @@ import numpy as np
 import pytest
 
 from lcjax.kernels.attention import reference_attention
-from lcjax.kernels.blockwise_attention import (
-  blockwise_attention,
-  blockwise_bwd,
-  blockwise_fwd,
-  fully_masked,
-)
-from lcjax.kernels.mask import Tokens, row_tokens
-from tests.kernels.test_attention import positions_of, random_segments
-
-# float32, both sides: the same sums in another order (seen: <= 7e-7 relative to the largest
-# value, over many seeds).
-F32_TOL = 1e-5
-# bf16 inputs, float32 inside both, out and grads rounded to bf16. dq and dk differ by about a
-# bf16 ulp (epsilon 7.8e-3; seen <= 6.2e-3) since D = rowsum(dout * out) uses the bf16 out.
-# A wrong mask gives errors of order 1.
-BF16_TOL = 2e-2
-
-
-def assert_close(actual, expected, tol, what=""):
-  """max|actual - expected| <= tol * max(1, max|expected|), with -inf where expected has it."""
-  actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
-  expected = np.asarray(jnp.asarray(expected, jnp.float32), np.float64)
-  assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-  np.testing.assert_array_equal(np.isneginf(actual), np.isneginf(expected), err_msg=what)
-  finite = np.isfinite(expected)
-  assert np.all(np.isfinite(actual[finite])), f"{what}: non-finite values"
-  err = np.abs(actual[finite] - expected[finite]).max(initial=0.0)
-  scale = max(1.0, np.abs(expected[finite]).max(initial=0.0))
-  assert err <= tol * scale, f"{what}: error {err:.3g} > {tol:.3g} * {scale:.3g}"
-
-
-def random_inputs(rng, batch=2, q_seq=37, kv_seq=37, heads=4, kv_heads=2, head_dim=8,
-                  dtype=np.float32):
-  q = rng.standard_normal((batch, q_seq, heads, head_dim))
-  k = rng.standard_normal((batch, kv_seq, kv_heads, head_dim))
-  v = rng.standard_normal((batch, kv_seq, kv_heads, head_dim))
-  return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+from lcjax.kernels.blockwise_attention import blockwise_attention, blockwise_bwd, blockwise_fwd
+from lcjax.kernels.mask import Mask, Tokens, block_ranges, row_tokens
+from tests.numerics import BF16, F32, assert_close, positions_of, random_qkv, random_segments
 
 
 def random_tokens(rng, batch, seq):
-  """Rows of 1-3 documents, sometimes followed by padding (id 0)."""
+  """Rows of 1-4 documents, sometimes followed by padding (id 0)."""
   seg = random_segments(rng, batch, seq)
   return row_tokens(jnp.asarray(seg), jnp.asarray(positions_of(seg)))
 
 
-def both(q, k, v, q_tokens, kv_tokens, dout, dlse, *, window, sinks, block_q, block_kv):
+def both(q, k, v, q_tokens, kv_tokens, dout, dlse, *, mask, block_q, block_kv):
   """(out, lse, dq, dk, dv) of blockwise and of reference attention, for cotangents dout and
   dlse of out and lse."""
   def run(fn):
     (out, lse), vjp = jax.vjp(
-        lambda q, k, v: fn(q, k, v, q_tokens, kv_tokens, window=window, sinks=sinks), q, k, v)
+        lambda q, k, v: fn(q, k, v, q_tokens, kv_tokens, mask=mask), q, k, v)
     return (out, lse, *vjp((dout.astype(out.dtype), dlse)))
 
   blockwise = functools.partial(blockwise_attention, block_q=block_q, block_kv=block_kv)
@@ -79,30 +45,30 @@ CASES = [  # heads, kv_heads, window, sinks, block_q, block_kv
 
 @pytest.mark.parametrize("heads,kv_heads,window,sinks,block_q,block_kv", CASES)
 def test_matches_reference(rng, heads, kv_heads, window, sinks, block_q, block_kv):
-  q, k, v = random_inputs(rng, heads=heads, kv_heads=kv_heads)
+  q, k, v = random_qkv(rng, heads=heads, kv_heads=kv_heads)
   tokens = random_tokens(rng, 2, 37)
   dout = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
   dlse = jnp.asarray(rng.standard_normal((2, heads, 37)), jnp.float32)
-  got, want = both(q, k, v, tokens, tokens, dout, dlse, window=window, sinks=sinks,
+  got, want = both(q, k, v, tokens, tokens, dout, dlse, mask=Mask(window, sinks),
                    block_q=block_q, block_kv=block_kv)
   for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
-    assert_close(g, w, F32_TOL, f"{name} (segment_ids={tokens.segment_ids})")
+    assert_close(g, w, F32, f"{name} (segment_ids={tokens.segment_ids})")
 
 
 def test_queries_after_the_keys(rng):
   """Different lengths: 13 queries that continue 29 keys (as in chunked prefill), plus 3 rows
   that see nothing (before every key): those give out 0, lse -inf and no gradient."""
-  q, k, v = random_inputs(rng, q_seq=16, kv_seq=29)
+  q, k, v = random_qkv(rng, q_seq=16, kv_seq=29)
   seg = np.ones((2, 29), np.int32)
   kv_tokens = row_tokens(jnp.asarray(seg))
   index = jnp.broadcast_to(jnp.concatenate([jnp.arange(-3, 0), jnp.arange(16, 29)]), (2, 16))
   q_tokens = Tokens(jnp.ones((2, 16), jnp.int32), index, index)
   dout = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
   dlse = jnp.zeros((2, 4, 16), jnp.float32)
-  got, want = both(q, k, v, q_tokens, kv_tokens, dout, dlse, window=None, sinks=0, block_q=4,
+  got, want = both(q, k, v, q_tokens, kv_tokens, dout, dlse, mask=Mask(), block_q=4,
                    block_kv=8)
   for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
-    assert_close(g, w, F32_TOL, name)
+    assert_close(g, w, F32, name)
   out, lse, dq = got[:3]
   np.testing.assert_array_equal(out[:, :3], 0.0)
   assert np.all(np.isneginf(lse[..., :3]))
@@ -115,42 +81,40 @@ def test_backward_of_a_part_with_the_global_out_and_lse(rng):
 
   A part is all keys with those outside it hidden by a segment id no query has (same shapes
   for both parts, so one compilation)."""
-  q, k, v = random_inputs(rng)
+  q, k, v = random_qkv(rng)
   tokens = random_tokens(rng, 2, 37)
-  window, sinks = 7, 2
+  mask = Mask(window=7, sinks=2)
   dout = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
   dlse = jnp.asarray(rng.standard_normal((2, 4, 37)), jnp.float32)
-  ref = functools.partial(reference_attention, q_tokens=tokens, kv_tokens=tokens, window=window,
-                          sinks=sinks)
+  ref = functools.partial(reference_attention, q_tokens=tokens, kv_tokens=tokens, mask=mask)
   (out, lse), vjp = jax.vjp(jax.jit(lambda q, k, v: ref(q, k, v)), q, k, v)
   dq, dk, dv = vjp((dout, dlse))
   cut = int(rng.integers(1, 36))
   first = jnp.arange(37) < cut
-  bwd = jax.jit(functools.partial(blockwise_bwd, window=window, sinks=sinks, block_q=8,
-                                  block_kv=8))
+  bwd = jax.jit(functools.partial(blockwise_bwd, mask=mask, block_q=8, block_kv=8))
   parts = [bwd(q, k, v, tokens, tokens._replace(segment_ids=jnp.where(keep, tokens.segment_ids,
                                                                       -3)),
                out, lse, dout, dlse=dlse) for keep in (first, ~first)]
-  assert_close(parts[0][0] + parts[1][0], dq, F32_TOL, f"dq (cut={cut})")
+  assert_close(parts[0][0] + parts[1][0], dq, F32, f"dq (cut={cut})")
   for i, (name, want) in enumerate((("dk", dk), ("dv", dv)), start=1):
-    assert_close(jnp.where(first[:, None, None], parts[0][i], parts[1][i]), want, F32_TOL, name)
+    assert_close(jnp.where(first[:, None, None], parts[0][i], parts[1][i]), want, F32, name)
     np.testing.assert_array_equal(parts[0][i][:, cut:], 0.0)
 
 
 def test_bfloat16(rng):
-  q, k, v = random_inputs(rng, dtype=jnp.bfloat16)
+  q, k, v = random_qkv(rng, dtype=jnp.bfloat16)
   tokens = random_tokens(rng, 2, 37)
   dout = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
   dlse = jnp.zeros((2, 4, 37), jnp.float32)
-  got, want = both(q, k, v, tokens, tokens, dout, dlse, window=5, sinks=1, block_q=8,
+  got, want = both(q, k, v, tokens, tokens, dout, dlse, mask=Mask(window=5, sinks=1), block_q=8,
                    block_kv=8)
   assert got[0].dtype == jnp.bfloat16 and got[2].dtype == jnp.bfloat16
   for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
-    assert_close(g, w, BF16_TOL, name)
+    assert_close(g, w, BF16, name)
 
 
 def test_forward_out_dtype(rng):
-  q, k, v = random_inputs(rng, dtype=jnp.bfloat16)
+  q, k, v = random_qkv(rng, dtype=jnp.bfloat16)
   tokens = random_tokens(rng, 2, 37)
   out, lse = blockwise_fwd(q, k, v, tokens, tokens, block_q=8, block_kv=8, out_dtype=jnp.float32)
   assert out.dtype == jnp.float32 and lse.dtype == jnp.float32
@@ -174,29 +138,35 @@ def test_scores_are_never_materialised():
   assert memory.temp_size_in_bytes < scores_bytes / 4, memory.temp_size_in_bytes
 
 
-def test_fully_masked():
-  def tokens(index, positions=None):
+def test_live_on_block_ranges():
+  """`Mask.live` on the ranges of two blocks: False only when no pair can be visible."""
+  def ranges(index, positions=None, segments=None):
     index = jnp.asarray([index], jnp.int32)
-    return Tokens(jnp.ones_like(index), index, index if positions is None else
-                  jnp.asarray([positions], jnp.int32))
+    tokens = Tokens(jnp.ones_like(index) if segments is None else jnp.asarray([segments]),
+                    index, index if positions is None else jnp.asarray([positions], jnp.int32))
+    return block_ranges(tokens, index.shape[1])
 
-  q = tokens([8, 9, 10, 11])
-  assert fully_masked(q, tokens([12, 13]), window=None, sinks=0)  # all keys later
-  assert not fully_masked(q, tokens([11, 12]), window=None, sinks=0)
-  assert not fully_masked(q, tokens([0, 1]), window=None, sinks=0)
-  assert fully_masked(q, tokens([0, 1]), window=7, sinks=0)  # 8 - 1 >= 7: all out of window
-  assert not fully_masked(q, tokens([0, 2]), window=7, sinks=0)
-  assert not fully_masked(q, tokens([0, 1]), window=7, sinks=1)  # position 0 is a sink
-  assert fully_masked(q, tokens([0, 1], positions=[5, 6]), window=7, sinks=1)
+  def masked(q, kv, mask):
+    return not bool(mask.live_pairs(q, kv).any())
+
+  q = ranges([8, 9, 10, 11])
+  assert masked(q, ranges([12, 13]), Mask())  # all keys later
+  assert not masked(q, ranges([11, 12]), Mask())
+  assert not masked(q, ranges([0, 1]), Mask())
+  assert masked(q, ranges([0, 1]), Mask(window=7))  # 8 - 1 >= 7: all out of window
+  assert not masked(q, ranges([0, 2]), Mask(window=7))
+  assert not masked(q, ranges([0, 1]), Mask(window=7, sinks=1))  # position 0 is a sink
+  assert masked(q, ranges([0, 1], positions=[5, 6]), Mask(window=7, sinks=1))
+  assert masked(q, ranges([0, 1], segments=[2, 3]), Mask())  # other documents
 
 
 def test_fully_masked_tiles_are_skipped(rng):
   """NaN values in the last kv block reach only the queries of the last query block: the other
   tiles of that kv block are not computed (computed, 0 * NaN would spread the NaN)."""
-  q, k, v = random_inputs(rng, q_seq=32, kv_seq=32)
+  q, k, v = random_qkv(rng, q_seq=32)
   tokens = row_tokens(jnp.ones((2, 32), jnp.int32))
   out, _ = jax.jit(functools.partial(blockwise_fwd, block_q=8, block_kv=8))(
       q, k, v.at[:, 24:].set(jnp.nan), tokens, tokens)
   want, _ = reference_attention(q, k, v, tokens, tokens)
-  assert_close(out[:, :24], want[:, :24], F32_TOL, "out before the NaN block")
+  assert_close(out[:, :24], want[:, :24], F32, "out before the NaN block")
   assert np.all(np.isnan(out[:, 24:]))

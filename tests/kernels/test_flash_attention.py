@@ -23,33 +23,12 @@ from lcjax.kernels.flash_attention import (
   supports,
 )
 from lcjax.kernels.flash_blocks import _schedule
-from lcjax.kernels.mask import Tokens, row_tokens, visible
-from tests.kernels.test_attention import positions_of
+from lcjax.kernels.mask import Mask, Tokens, row_tokens
+from tests import numerics
+from tests.numerics import BF16, F32, assert_close, positions_of
 
-F32_TOL = 1e-5  # float32 forward and gradients (seen: <= 6e-7 over 12 seeds)
-# bfloat16 q, k, v (P and dS rounded to bf16 for the matmuls, out to bf16) vs float32 on the same
-# values, forward and gradients: about one bf16 epsilon (7.8e-3; seen: <= 6e-3 over 12 seeds).
-# A wrong mask gives errors of order 1.
-BF16_TOL = 2e-2
 SMALL = dict(block_q=16, block_kv=16, backend="gpu", interpret=True)
-
-
-def assert_close(actual, expected, tol, what=""):
-  actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
-  expected = np.asarray(jnp.asarray(expected, jnp.float32), np.float64)
-  assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-  np.testing.assert_array_equal(np.isneginf(actual), np.isneginf(expected), err_msg=what)
-  finite = np.isfinite(expected)
-  actual, expected = actual[finite], expected[finite]
-  assert np.all(np.isfinite(actual)), f"{what}: non-finite values"
-  err = np.abs(actual - expected).max(initial=0.0) / max(np.abs(expected).max(initial=0.0), 1e-30)
-  assert err <= tol, f"{what}: relative-to-max error {err:.3g} > {tol:.3g}"
-
-
-def random_qkv(rng, batch, q_seq, kv_seq, heads, kv_heads, head_dim=16, dtype=jnp.float32):
-  draw = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)
-  return (draw(batch, q_seq, heads, head_dim), draw(batch, kv_seq, kv_heads, head_dim),
-          draw(batch, kv_seq, kv_heads, head_dim))
+random_qkv = functools.partial(numerics.random_qkv, head_dim=16)  # Triton's smallest
 
 
 def short_documents(rng, batch, seq, max_len=7):
@@ -75,20 +54,18 @@ def run_with_grads(q, k, v, q_tokens, kv_tokens, dout, dlse, *, fn, kwargs):
   return outputs, vjp((dout, dlse))
 
 
-def compare(rng, q, k, v, q_tokens, kv_tokens, *, tol=F32_TOL, window=None, sinks=0,
-            **flash_kwargs):
+def compare(rng, q, k, v, q_tokens, kv_tokens, *, tol=F32, mask=Mask(), **flash_kwargs):
   """Flash vs the reference on the same inputs (the reference in float32): outputs, gradients."""
   batch, q_seq, heads, _ = q.shape
   dout = jnp.asarray(rng.standard_normal(q.shape), q.dtype)
   dlse = jnp.asarray(rng.standard_normal((batch, heads, q_seq)), jnp.float32)
-  mask = (("window", window), ("sinks", sinks))
-  kwargs = tuple({**SMALL, **flash_kwargs}.items()) + mask
+  kwargs = tuple({**SMALL, **flash_kwargs, "mask": mask}.items())
   (out, lse), grads = run_with_grads(q, k, v, q_tokens, kv_tokens, dout, dlse,
                                      fn=flash_attention, kwargs=kwargs)
   as32 = lambda x: x.astype(jnp.float32)
   (want_out, want_lse), want_grads = run_with_grads(
       as32(q), as32(k), as32(v), q_tokens, kv_tokens, as32(dout), dlse,
-      fn=reference_attention, kwargs=mask)
+      fn=reference_attention, kwargs=(("mask", mask),))
   assert out.dtype == q.dtype and lse.dtype == jnp.float32
   assert_close(out, want_out, tol, "out")
   assert_close(lse, want_lse, tol, "lse")
@@ -113,7 +90,7 @@ def test_short_documents(rng, window, sinks):
   """Many short documents and padding, with a window, with sinks by in-document position."""
   q, k, v = random_qkv(rng, 2, 45, 45, 4, 2)
   tokens = document_tokens(short_documents(rng, 2, 45))
-  compare(rng, q, k, v, tokens, tokens, window=window, sinks=sinks)
+  compare(rng, q, k, v, tokens, tokens, mask=Mask(window, sinks))
 
 
 def test_long_documents_window_and_sinks(rng):
@@ -121,7 +98,7 @@ def test_long_documents_window_and_sinks(rng):
   q, k, v = random_qkv(rng, 1, 64, 64, 2, 1)
   segment_ids = np.array([[1] * 50 + [2] * 14], np.int32)
   tokens = document_tokens(segment_ids)
-  compare(rng, q, k, v, tokens, tokens, window=9, sinks=3)
+  compare(rng, q, k, v, tokens, tokens, mask=Mask(window=9, sinks=3))
 
 
 def test_permuted_token_order(rng):
@@ -132,7 +109,7 @@ def test_permuted_token_order(rng):
   perm = np.stack([rng.permutation(seq) for _ in range(2)])
   permuted = Tokens(*(np.take_along_axis(np.asarray(x), perm, axis=1) for x in tokens))
   q, k, v = random_qkv(rng, 2, seq, seq, 4, 2)  # data for the permuted places directly
-  compare(rng, q, k, v, permuted, permuted, window=7, sinks=2)
+  compare(rng, q, k, v, permuted, permuted, mask=Mask(window=7, sinks=2))
 
 
 def test_queries_that_see_nothing(rng):
@@ -143,14 +120,14 @@ def test_queries_that_see_nothing(rng):
   kv_tokens = q_tokens._replace(index=q_tokens.index[:, :24] + 20,
                                 segment_ids=q_tokens.segment_ids[:, :24],
                                 positions=q_tokens.positions[:, :24] + 20)
-  lse = compare(rng, q, k, v, q_tokens, kv_tokens, window=8)
+  lse = compare(rng, q, k, v, q_tokens, kv_tokens, mask=Mask(window=8))
   assert np.all(np.isneginf(lse[:, :, :20])) and np.all(np.isfinite(lse[:, :, 20:]))
 
 
 def test_bfloat16(rng):
   q, k, v = random_qkv(rng, 2, 40, 40, 4, 2, dtype=jnp.bfloat16)
   tokens = document_tokens(short_documents(rng, 2, 40, max_len=15))
-  compare(rng, q, k, v, tokens, tokens, window=6, sinks=1, tol=BF16_TOL)
+  compare(rng, q, k, v, tokens, tokens, mask=Mask(window=6, sinks=1), tol=BF16)
 
 
 def test_dead_blocks_are_skipped(rng):
@@ -165,15 +142,15 @@ def test_dead_blocks_are_skipped(rng):
   poison = lambda x: x.at[:, 16:32].set(jnp.nan).at[:, 64:].set(jnp.nan)
   dout = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
   dlse = jnp.asarray(rng.standard_normal((1, 2, 80)), jnp.float32)
-  mask = (("window", 9), ("sinks", 3))
+  mask = (("mask", Mask(window=9, sinks=3)),)
   (out, lse), (dq, _, _) = run_with_grads(q, poison(k), poison(v), tokens, tokens, dout, dlse,
                                           fn=flash_attention, kwargs=tuple(SMALL.items()) + mask)
   (want_out, want_lse), (want_dq, _, _) = run_with_grads(q, k, v, tokens, tokens, dout, dlse,
                                                          fn=reference_attention, kwargs=mask)
   rows = slice(48, 64)
-  assert_close(out[:, rows], want_out[:, rows], F32_TOL, "out")
-  assert_close(lse[:, :, rows], want_lse[:, :, rows], F32_TOL, "lse")
-  assert_close(dq[:, rows], want_dq[:, rows], F32_TOL, "dq")
+  assert_close(out[:, rows], want_out[:, rows], F32, "out")
+  assert_close(lse[:, :, rows], want_lse[:, :, rows], F32, "lse")
+  assert_close(dq[:, rows], want_dq[:, rows], F32, "dq")
 
 
 @pytest.mark.parametrize("window", [None, 20])
@@ -182,8 +159,8 @@ def test_loops_span_exactly_the_needed_blocks(window):
   touches (stopping at the diagonal, starting at the window), and each kv block's q loop too."""
   seq, block, n = 64, 16, 4
   tokens = row_tokens(jnp.ones((1, seq), jnp.int32))
-  q_table, kv_table = _schedule(tokens, tokens, seq, seq, block, block, window, 0)
-  needed = np.asarray(visible(tokens, tokens, window=window))[0]
+  q_table, kv_table = _schedule(tokens, tokens, seq, seq, block, block, Mask(window))
+  needed = np.asarray(Mask(window).dense(tokens, tokens))[0]
   needed = needed.reshape(n, block, n, block).any(axis=(1, 3))  # [q block, kv block]
   for table, rows in ((q_table, needed), (kv_table, needed.T)):
     for i, row in enumerate(rows):
@@ -198,7 +175,7 @@ def test_backward_with_global_lse(rng):
   seq, half = 48, 24
   q, k, v = random_qkv(rng, 2, seq, seq, 4, 2)
   tokens = document_tokens(short_documents(rng, 2, seq, max_len=30))
-  mask = dict(window=13, sinks=2)
+  mask = dict(mask=Mask(window=13, sinks=2))
   halves = [Tokens(*(x[:, s] for x in tokens)) for s in (slice(0, half), slice(half, seq))]
   dout = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
   dlse = jnp.asarray(rng.standard_normal((2, 4, seq)), jnp.float32)
@@ -218,11 +195,11 @@ def test_backward_with_global_lse(rng):
   (want_out, want_lse), (want_dq, want_dk, want_dv) = run_with_grads(
       q, k, v, tokens, tokens, dout, dlse, fn=reference_attention,
       kwargs=tuple(mask.items()))
-  assert_close(out, want_out, F32_TOL, "merged out")
-  assert_close(lse, want_lse, F32_TOL, "merged lse")
-  assert_close(grads[0][0] + grads[1][0], want_dq, F32_TOL, "dq")
-  assert_close(jnp.concatenate([grads[0][1], grads[1][1]], 1), want_dk, F32_TOL, "dk")
-  assert_close(jnp.concatenate([grads[0][2], grads[1][2]], 1), want_dv, F32_TOL, "dv")
+  assert_close(out, want_out, F32, "merged out")
+  assert_close(lse, want_lse, F32, "merged lse")
+  assert_close(grads[0][0] + grads[1][0], want_dq, F32, "dq")
+  assert_close(jnp.concatenate([grads[0][1], grads[1][1]], 1), want_dk, F32, "dk")
+  assert_close(jnp.concatenate([grads[0][2], grads[1][2]], 1), want_dv, F32, "dv")
 
 
 @pytest.mark.slow
@@ -235,13 +212,13 @@ def test_tpu_frame_in_tpu_interpreter(rng, case):
   if case == "documents":
     q, k, v = random_qkv(rng, 1, seq, seq, 2, 1, head_dim=32)
     q_tokens = kv_tokens = document_tokens(short_documents(rng, 1, seq, max_len=60))
-    mask = dict(window=40, sinks=2)
+    mask = Mask(window=40, sinks=2)
   else:
     q, k, v = random_qkv(rng, 1, seq, 140, 4, 2, head_dim=32)
     q_tokens = row_tokens(jnp.ones((1, seq), jnp.int32))
     kv_tokens = Tokens(*(x[:, :140] + offset for x, offset in zip(q_tokens, (0, 130, 130))))
-    mask = dict(window=None, sinks=0)
-  compare(rng, q, k, v, q_tokens, kv_tokens, **mask, block_q=128, block_kv=128, backend="tpu")
+    mask = Mask()
+  compare(rng, q, k, v, q_tokens, kv_tokens, mask=mask, block_q=128, block_kv=128, backend="tpu")
 
 
 @pytest.mark.parametrize("platform,backend", [("cuda", "gpu"), ("tpu", "tpu")])
@@ -252,7 +229,8 @@ def test_lowers_for_gpu_and_tpu(platform, backend):
 
   def loss(q, k, v, segment_ids):
     tokens = row_tokens(segment_ids)
-    out, lse = flash_attention(q, k, v, tokens, tokens, window=256, sinks=4, backend=backend)
+    out, lse = flash_attention(q, k, v, tokens, tokens, mask=Mask(window=256, sinks=4),
+                               backend=backend)
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
 
   args = (shape(batch, seq, heads, head_dim), shape(batch, seq, kv_heads, head_dim),

@@ -14,45 +14,31 @@ import pytest
 from jax.sharding import Mesh
 
 from lcjax.kernels.attention import reference_attention
-from lcjax.kernels.mask import row_tokens
+from lcjax.kernels.mask import Mask, row_tokens
 from lcjax.parallel.layout import permutation, unpermute
 from lcjax.parallel.mesh import MeshConfig, make_mesh
 from lcjax.parallel.ring_attention import sequence_attention
-from tests.kernels.test_attention import positions_of
-
-# float32 on both sides; the same sums in another order. Errors are measured relative to
-# max(1, largest expected value) (seen: <= 3e-6).
-F32_TOL = 1e-5
-
+from tests import numerics
+from tests.numerics import F32, assert_close, positions_of
 
 
 def random_segments(rng, batch, seq, shard_len):
-  """Rows of up to 5 documents (ids 1, 2, ...), one boundary on a shard edge (if there is one), and
-  sometimes padding (id 0) at the end."""
-  edges = np.arange(shard_len, seq, shard_len)
-  rows = []
-  for _ in range(batch):
-    cuts = rng.choice(np.arange(1, seq), size=rng.integers(1, 4))
-    cuts = np.unique(np.append(cuts, rng.choice(edges, size=min(1, len(edges)))))
-    row = np.searchsorted(cuts, np.arange(seq), side="right") + 1
-    if rng.random() < 0.5:
-      row[cuts[-1]:] = 0
-    rows.append(row)
-  return np.stack(rows).astype(np.int32)
+  """Packed rows with one document boundary on a shard edge (if there is one)."""
+  return numerics.random_segments(rng, batch, seq, max_docs=5,
+                                  edges=np.arange(shard_len, seq, shard_len))
 
 
-@functools.partial(jax.jit, static_argnames=("window", "sinks"))
-def reference(q, k, v, segment_ids, positions, dout, *, window, sinks):
+@functools.partial(jax.jit, static_argnames=("mask",))
+def reference(q, k, v, segment_ids, positions, dout, *, mask):
   """(out, dq, dk, dv) of reference attention over whole, unpermuted rows."""
   tokens = row_tokens(segment_ids, positions)
   out, vjp = jax.vjp(lambda q, k, v: reference_attention(
-      q, k, v, tokens, tokens, window=window, sinks=sinks)[0], q, k, v)
+      q, k, v, tokens, tokens, mask=mask)[0], q, k, v)
   return out, *vjp(dout)
 
 
-def check_against_reference(rng, mesh, layout, method, *, segments=True, window=None, sinks=0,
-                            batch=2, seq=64, heads=4, kv_heads=2, head_dim=8, block=4,
-                            kernel="blockwise"):
+def check_against_reference(rng, mesh, layout, method, *, segments=True, mask=Mask(), batch=2,
+                            seq=64, heads=4, kv_heads=2, head_dim=8, block=4, kernel="blockwise"):
   shards = mesh.shape["sequence"]
   q = rng.standard_normal((batch, seq, heads, head_dim)).astype(np.float32)
   k, v = (rng.standard_normal((batch, seq, kv_heads, head_dim)).astype(np.float32)
@@ -64,7 +50,7 @@ def check_against_reference(rng, mesh, layout, method, *, segments=True, window=
   else:
     segment_ids = np.ones((batch, seq), np.int32)
     positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))
-  want = reference(q, k, v, segment_ids, positions, dout, window=window, sinks=sinks)
+  want = reference(q, k, v, segment_ids, positions, dout, mask=mask)
 
   perm = permutation(layout, seq, shards)
 
@@ -72,7 +58,7 @@ def check_against_reference(rng, mesh, layout, method, *, segments=True, window=
   def run(q, k, v, segment_ids, positions, dout):
     attend = functools.partial(
         sequence_attention, segment_ids=segment_ids, mesh=mesh, layout=layout, method=method,
-        window=window, sinks=sinks, block_q=block, block_kv=block, kernel=kernel,
+        mask=mask, block_q=block, block_kv=block, kernel=kernel,
         # positions=None (one document per row) is sequence_attention's own default.
         positions=positions if segments else None)
     out, vjp = jax.vjp(attend, q, k, v)
@@ -80,9 +66,7 @@ def check_against_reference(rng, mesh, layout, method, *, segments=True, window=
 
   got = run(*(x[:, perm] for x in (q, k, v, segment_ids, positions, dout)))
   for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-    g, w = np.asarray(unpermute(g, layout, shards)), np.asarray(w)
-    err = np.abs(g - w).max() / max(1.0, np.abs(w).max())
-    assert err <= F32_TOL, f"{name}: error {err:.3g} (segment_ids={segment_ids})"
+    assert_close(unpermute(g, layout, shards), w, F32, f"{name} (segment_ids={segment_ids})")
 
 
 def sequence_mesh():
@@ -122,7 +106,7 @@ def test_sequence_axis_of_size_one(rng):
 def test_window_and_sinks(rng, layout, method):
   """A window longer than a shard but much shorter than the row: the ring skips the steps that
   bring only old keys, unless they hold sinks."""
-  check_against_reference(rng, sequence_mesh(), layout, method, window=11, sinks=2)
+  check_against_reference(rng, sequence_mesh(), layout, method, mask=Mask(window=11, sinks=2))
 
 
 @pytest.mark.parametrize("method", ["ring", "allgather"])
@@ -131,8 +115,8 @@ def test_pallas_kernel_for_the_per_block_work(rng, method):
   ring merges by, and its backward takes the merged out / lse."""
   mesh = make_mesh(MeshConfig(data=2, sequence=4))
   # Triton-shaped tiles (powers of two >= 16): each device's 16 tokens are one tile.
-  check_against_reference(rng, mesh, "zigzag", method, head_dim=16, window=20, sinks=2,
-                          block=16, kernel="pallas")
+  check_against_reference(rng, mesh, "zigzag", method, head_dim=16,
+                          mask=Mask(window=20, sinks=2), block=16, kernel="pallas")
 
 
 def small_inputs(batch=2, seq=64, heads=4, kv_heads=2):
@@ -170,6 +154,5 @@ def test_ring_skips_steps_it_cannot_see(rng):
                                                segment_ids, None)
   tokens = row_tokens(segment_ids)
   want, _ = reference_attention(q, k, v, tokens, tokens)
-  err = np.abs(np.asarray(out - want)[:, :-shard_len]).max()
-  assert err <= F32_TOL, err
+  assert_close(out[:, :-shard_len], want[:, :-shard_len], F32, "out before the NaN block")
   assert np.all(np.isnan(out[:, -shard_len:]))
