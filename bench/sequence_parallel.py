@@ -16,7 +16,7 @@ train state and this device's slice of the batch), outputs, temporaries, and "pe
 assignment's total, deterministic on CPU; a real device adds its runtime's own overhead.
 
 One device has no sequence sharding, so its attention runs the model's own kernel: the step
-sets ModelConfig.attention_impl = "blockwise" (the same flash-style kernel, and block size, that
+sets AttentionConfig.impl = "blockwise" (the same flash-style kernel, and block size, that
 ring attention runs per kv block) everywhere, rather than the CPU default "reference", whose
 [seq, seq] scores would dwarf everything else; tiles are BLOCK x BLOCK tokens.
 
@@ -79,7 +79,7 @@ class Step:
     return self.arguments + self.outputs + self.temp - self.aliased
 
 
-BLOCK = 512  # attention tile (ModelConfig.attention_block_q / _kv) of every run here
+BLOCK = 512  # attention tile (AttentionConfig.block_q / _kv) of every run here
 
 
 def compile_step(base: loop.Run, seq_len: int, shards: int, attention: str,

@@ -6,6 +6,7 @@ document (attention sinks, StreamingLLM). "After" is by `Tokens.index`, the toke
 unpermuted row, so sequence layouts that reorder tokens keep the mask.
 """
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -31,6 +32,16 @@ def check_mask_args(window: int | None, sinks: int) -> None:
     raise ValueError(f"window={window} must be >= 1 (the token itself), or None for no window.")
   if sinks < 0:
     raise ValueError(f"sinks={sinks} must be >= 0.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mask:
+  """The mask's options: a sliding window of `window` tokens (None: full causal) and `sinks`."""
+  window: int | None = None
+  sinks: int = 0
+
+  def __post_init__(self):
+    check_mask_args(self.window, self.sinks)
 
 
 def visible(q: Tokens, kv: Tokens, *, window: int | None = None, sinks: int = 0) -> jax.Array:

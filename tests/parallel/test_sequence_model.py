@@ -89,9 +89,9 @@ def test_bad_sequence_config_names_the_fix():
     SequenceConfig(attention="flash")
 
 
-HYBRID = ["ModelConfig.pattern = 'M*-'", "ModelConfig.mamba_d_state = 8",
-          "ModelConfig.mamba_headdim = 16", "ModelConfig.mamba_chunk_size = 16",
-          "ModelConfig.attention_block_q = 16", "ModelConfig.attention_block_kv = 16"]
+HYBRID = ["ModelConfig.pattern = 'M*-'", "MambaConfig.d_state = 8",
+          "MambaConfig.headdim = 16", "MambaConfig.chunk_size = 16",
+          "AttentionConfig.block_q = 16", "AttentionConfig.block_kv = 16"]
 
 
 @pytest.mark.slow
