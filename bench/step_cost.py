@@ -95,7 +95,7 @@ def main():
   parse_gin(args.gin_file or ["configs/demo.gin"], args.gin_bindings)
   run = Run.from_gin()
   print(f"model: pattern={run.model.pattern} d_model={run.model.d_model} "
-        f"heads={run.model.num_heads}/{run.model.num_kv_heads} dtype={run.model.dtype} "
+        f"heads={run.model.attention.num_heads}/{run.model.attention.num_kv_heads} dtype={run.model.dtype} "
         f"remat={run.model.remat}; {args.tokens} tokens per batch; device: "
         f"{jax.devices()[0].device_kind} x{jax.device_count()}; jax {jax.__version__}\n")
   print("| seq len | batch | XLA GFLOP/step | model GFLOP/step | XLA temp MiB | XLA peak MiB "
