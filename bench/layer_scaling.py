@@ -20,8 +20,8 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from lcjax.models.lm import Block  # noqa: E402
+from lcjax.models.pattern import MIXERS  # noqa: E402
 from lcjax.models.report import model_config  # noqa: E402
-from lcjax.train import flops  # noqa: E402
 
 
 def compiled_cost(cfg, symbol: str, seq_len: int) -> tuple[float, float]:
@@ -47,18 +47,19 @@ def main():
   p.add_argument("--seq_lens", default="1024,2048,4096,8192,16384,32768,65536")
   args = p.parse_args()
   cfg = model_config(args.gin_file)
-  print(f"{args.gin_file}: d_model {cfg.d_model}, attention {cfg.num_heads}x{cfg.head_dim} "
-        f"(kv {cfg.num_kv_heads}), Mamba-2 expand {cfg.mamba_expand} d_state "
-        f"{cfg.mamba_d_state} headdim {cfg.mamba_headdim} chunk {cfg.mamba_chunk_size}, "
-        f"{cfg.dtype}; {jax.devices()[0].device_kind}, jax {jax.__version__}\n")
+  att, mamba = cfg.attention, cfg.mamba
+  print(f"{args.gin_file}: d_model {cfg.d_model}, attention {att.num_heads}x{att.head_dim} "
+        f"(kv {att.num_kv_heads}), Mamba-2 expand {mamba.expand} d_state {mamba.d_state} "
+        f"headdim {mamba.headdim} chunk {mamba.chunk_size}, {cfg.dtype}; "
+        f"{jax.devices()[0].device_kind}, jax {jax.__version__}\n")
   print("| seq len | attention GFLOP | Mamba-2 GFLOP | attention temp MiB | Mamba-2 temp MiB "
         "| model GFLOP attn / M2 (fwd+bwd) |")
   print("|---:|---:|---:|---:|---:|---:|")
   for seq_len in (int(s) for s in args.seq_lens.split(",")):
     a_flops, a_mem = compiled_cost(cfg, "*", seq_len)
     m_flops, m_mem = compiled_cost(cfg, "M", seq_len)
-    ours_a = 3 * flops.FORWARD_FLOPS_PER_TOKEN["*"](cfg, seq_len) * seq_len / 1e9
-    ours_m = 3 * flops.FORWARD_FLOPS_PER_TOKEN["M"](cfg, seq_len) * seq_len / 1e9
+    ours_a, ours_m = (3 * MIXERS[s].flops(cfg.mixer_config(s), cfg.d_model, seq_len)
+                      * seq_len / 1e9 for s in "*M")
     print(f"| {seq_len} | {a_flops:.1f} | {m_flops:.1f} | {a_mem:.0f} | {m_mem:.0f} "
           f"| {ours_a:.1f} / {ours_m:.1f} |", flush=True)
 

@@ -16,7 +16,7 @@ train state and this device's slice of the batch), outputs, temporaries, and "pe
 assignment's total, deterministic on CPU; a real device adds its runtime's own overhead.
 
 One device has no sequence sharding, so its attention runs the model's own kernel: the step
-sets ModelConfig.attention_impl = "blockwise" (the same flash-style kernel, and block size, that
+sets AttentionConfig.impl = "blockwise" (the same flash-style kernel, and block size, that
 ring attention runs per kv block) everywhere, rather than the CPU default "reference", whose
 [seq, seq] scores would dwarf everything else; tiles are BLOCK x BLOCK tokens.
 
@@ -52,7 +52,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from lcjax.config import parse_gin  # noqa: E402
-from lcjax.models.config import num_params  # noqa: E402
+from lcjax.models.report import counted_params  # noqa: E402
 from lcjax.parallel import mesh as mesh_lib  # noqa: E402
 from lcjax.train import loop  # noqa: E402
 from lcjax.train import state as train_state  # noqa: E402
@@ -79,7 +79,7 @@ class Step:
     return self.arguments + self.outputs + self.temp - self.aliased
 
 
-BLOCK = 512  # attention tile (ModelConfig.attention_block_q / _kv) of every run here
+BLOCK = 512  # attention tile (AttentionConfig.block_q / _kv) of every run here
 
 
 def compile_step(base: loop.Run, seq_len: int, shards: int, attention: str,
@@ -88,8 +88,8 @@ def compile_step(base: loop.Run, seq_len: int, shards: int, attention: str,
   first `shards` devices (mesh data=1, sequence=shards)."""
   run = dataclasses.replace(
       base,
-      model=dataclasses.replace(base.model, attention_impl="blockwise",
-                                attention_block_q=BLOCK, attention_block_kv=BLOCK),
+      model=dataclasses.replace(base.model, attention=dataclasses.replace(
+          base.model.attention, impl="blockwise", block_q=BLOCK, block_kv=BLOCK)),
       data=dataclasses.replace(base.data, sequence_length=seq_len),
       train=dataclasses.replace(base.train, batch_size=1, grad_accum_steps=1),
       mesh_config=mesh_lib.MeshConfig(data=1, fsdp=1, tensor=1, sequence=shards))
@@ -316,11 +316,11 @@ def main():
   parse_gin(args.gin_file or ["configs/demo.gin", "configs/models/hybrid_tiny.gin"],
             args.gin_bindings)
   base = loop.Run.from_gin()
-  m = base.model
-  print(f"model: pattern={m.pattern} d_model={m.d_model} attention heads={m.num_heads}/"
-        f"{m.num_kv_heads}x{m.head_dim} mamba d_state={m.mamba_d_state} "
-        f"headdim={m.mamba_headdim} chunk={m.mamba_chunk_size} dtype={m.compute_dtype} "
-        f"remat={m.remat} params={num_params(m):,}; batch 1 row; layout {args.layout}; "
+  m, att, mamba = base.model, base.model.attention, base.model.mamba
+  print(f"model: pattern={m.pattern} d_model={m.d_model} attention heads={att.num_heads}/"
+        f"{att.num_kv_heads}x{att.head_dim} mamba d_state={mamba.d_state} "
+        f"headdim={mamba.headdim} chunk={mamba.chunk_size} dtype={m.compute_dtype} "
+        f"remat={m.remat} params={counted_params(m):,}; batch 1 row; layout {args.layout}; "
         f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; jax {jax.__version__}\n")
 
   steps = {}

@@ -94,10 +94,10 @@ def main():
   args = p.parse_args()
   parse_gin(args.gin_file or ["configs/demo.gin"], args.gin_bindings)
   run = Run.from_gin()
-  print(f"model: pattern={run.model.pattern} d_model={run.model.d_model} "
-        f"heads={run.model.num_heads}/{run.model.num_kv_heads} dtype={run.model.dtype} "
-        f"remat={run.model.remat}; {args.tokens} tokens per batch; device: "
-        f"{jax.devices()[0].device_kind} x{jax.device_count()}; jax {jax.__version__}\n")
+  m, att = run.model, run.model.attention
+  print(f"model: pattern={m.pattern} d_model={m.d_model} heads={att.num_heads}/"
+        f"{att.num_kv_heads} dtype={m.dtype} remat={m.remat}; {args.tokens} tokens per batch; "
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; jax {jax.__version__}\n")
   print("| seq len | batch | XLA GFLOP/step | model GFLOP/step | XLA temp MiB | XLA peak MiB "
         "| step time s | tokens/s |")
   print("|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -1,16 +1,90 @@
-"""Grouped-query self-attention over packed documents, with optional RoPE and a KV cache."""
+"""Grouped-query self-attention over packed documents, with optional RoPE and a KV cache: the
+"*" mixer, its config and its FLOPs."""
 
+import dataclasses
 from typing import NamedTuple
 
+import gin
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcjax.kernels.attention import attention
-from lcjax.models.config import ModelConfig
-from lcjax.models.layers import normal_param
+from lcjax.config import check_types
+from lcjax.kernels import attention as attention_kernels
+from lcjax.kernels.mask import Mask
+from lcjax.kernels.ops import LOCAL
+from lcjax.models.layers import ModelWide, check_impl, normal_param
 from lcjax.models.rope import apply_rope
-from lcjax.parallel.sequence import SequenceSharding
+
+POSITION_ENCODINGS = ("rope", "none")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """The attention mixer ("*").
+
+  num_heads query heads share num_kv_heads key/value heads (grouped-query), each head_dim wide.
+  position_encoding: "rope", or "none" for attention without positions (the causal mask and
+    the Mamba layers carry order, as in NVIDIA's Mamba-2-Hybrid); rope_theta: RoPE's base.
+  window: None for full causal attention, else a sliding window of that many tokens (the token
+    itself included); sinks: with a window, the first tokens of every document that stay
+    visible to all later ones (StreamingLLM's attention sinks).
+  impl: the kernel, by name (`lcjax.kernels.attention.IMPLS`); "auto" picks the fastest one
+    the backend has.
+  block_q / block_kv: the tiles of the tiled kernels ("blockwise", "pallas", and each device's
+    share of ring attention); Triton wants powers of two >= 16, Mosaic multiples of 128.
+  """
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 32
+  position_encoding: str = "rope"
+  rope_theta: float = 10000.0
+  window: int | None = None
+  sinks: int = 0
+  impl: str = "auto"
+  block_q: int = 128
+  block_kv: int = 128
+
+  def __post_init__(self):
+    check_types(self)
+    for name in ("num_heads", "num_kv_heads", "head_dim", "block_q", "block_kv"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"AttentionConfig.{name} must be >= 1, got {getattr(self, name)}.")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"AttentionConfig.num_heads={self.num_heads} must be a multiple of "
+          f"AttentionConfig.num_kv_heads={self.num_kv_heads}: change one of them (e.g. "
+          f"num_kv_heads to a divisor of {self.num_heads}).")
+    if self.position_encoding not in POSITION_ENCODINGS:
+      raise ValueError(f"AttentionConfig.position_encoding={self.position_encoding!r} is not "
+                       f"one of {POSITION_ENCODINGS}.")
+    if self.position_encoding == "rope" and self.head_dim % 2:
+      raise ValueError(
+          f"AttentionConfig.head_dim={self.head_dim} must be even for RoPE (it rotates pairs "
+          f"of features): use an even head_dim or AttentionConfig.position_encoding='none'.")
+    if self.window is not None and self.window < 1:
+      raise ValueError(f"AttentionConfig.window={self.window} must be >= 1 (tokens, the query "
+                       f"included), or None for full causal attention.")
+    if self.sinks < 0 or (self.sinks and self.window is None):
+      raise ValueError(f"AttentionConfig.sinks={self.sinks} needs >= 0 and a sliding window "
+                       f"(without one every token is visible anyway): set "
+                       f"AttentionConfig.window or AttentionConfig.sinks = 0.")
+    check_impl(self.impl, "AttentionConfig.impl", attention_kernels.IMPLS)
+
+  @property
+  def mask(self) -> Mask:
+    return Mask(window=self.window, sinks=self.sinks)
+
+
+def attention_flops(cfg: AttentionConfig, d_model: int, seq_len: int) -> float:
+  """Forward matmul FLOPs per token: the q, k, v, o projections, and scores and values at
+  their causal cost (query i attends to i+1 keys: (seq+1)/2 on average over a full row)."""
+  q_and_o = 2 * d_model * cfg.num_heads * cfg.head_dim
+  k_and_v = 2 * d_model * cfg.num_kv_heads * cfg.head_dim
+  mean_keys = (seq_len + 1) / 2
+  scores_and_values = 2 * 2 * cfg.num_heads * cfg.head_dim * mean_keys
+  return 2 * (q_and_o + k_and_v) + scores_and_values
 
 
 class KVCache(NamedTuple):
@@ -41,22 +115,37 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, length: jax.Array
   return out.reshape(batch, 1, heads, head_dim).astype(q.dtype)
 
 
-class Attention(nnx.Module):
-  """q/k/v/o projections (no biases) around `lcjax.kernels.attention.attention`."""
+def _check_room(index: jax.Array, max_len: int) -> None:
+  """Fails if decoding would write position `index` into a cache of max_len slots: at once
+  when index is concrete, else when the compiled step runs (a callback only on that branch)."""
+  def fail(index):
+    raise ValueError(
+        f"Attention.step at position {int(index)}: the KV cache holds max_len={max_len} "
+        f"positions. Pass a larger max_len to init_cache (the prompt plus every token to "
+        f"decode).")
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs,
-               sequence: SequenceSharding | None = None):
-    d, h, kvh, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    self.q = normal_param(rngs, (d, h, hd), cfg.init_std, ("embed", "heads", "head_dim"))
-    self.k = normal_param(rngs, (d, kvh, hd), cfg.init_std, ("embed", "kv_heads", "head_dim"))
-    self.v = normal_param(rngs, (d, kvh, hd), cfg.init_std, ("embed", "kv_heads", "head_dim"))
-    self.o = normal_param(rngs, (h, hd, d), cfg.output_init_std, ("heads", "head_dim", "embed"))
+  if not isinstance(index, jax.core.Tracer):
+    if int(index) >= max_len:
+      fail(index)
+    return
+  jax.lax.cond(index >= max_len, lambda: jax.debug.callback(fail, index), lambda: None)
+
+
+class Attention(nnx.Module):
+  """q/k/v/o projections (no biases) around `ops.attention` (`lcjax.kernels.ops`)."""
+
+  def __init__(self, cfg: AttentionConfig, wide: ModelWide, *, rngs: nnx.Rngs, ops=LOCAL):
+    ops.check_attention_impl(cfg.impl)
+    d, h, kvh, hd = wide.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.q = normal_param(rngs, (d, h, hd), wide.init_std, ("embed", "heads", "head_dim"))
+    self.k = normal_param(rngs, (d, kvh, hd), wide.init_std, ("embed", "kv_heads", "head_dim"))
+    self.v = normal_param(rngs, (d, kvh, hd), wide.init_std, ("embed", "kv_heads", "head_dim"))
+    self.o = normal_param(rngs, (h, hd, d), wide.output_init_std, ("heads", "head_dim", "embed"))
     self.rope_theta = cfg.rope_theta if cfg.position_encoding == "rope" else None
-    self.dtype = cfg.compute_dtype
-    self.window, self.sinks = cfg.attention_window, cfg.attention_sinks
-    self.impl = cfg.attention_impl
-    self.blocks = dict(block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv)
-    self.sequence = sequence
+    self.dtype = wide.dtype
+    self.mask = cfg.mask
+    self.kernel = dict(impl=cfg.impl, block_q=cfg.block_q, block_kv=cfg.block_kv)
+    self.ops = ops
 
   def _qkv(self, x: jax.Array, positions: jax.Array):
     dt = x.dtype
@@ -74,14 +163,10 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
     """x `[batch, seq, embed]`, segment_ids/positions `[batch, seq]` -> `[batch, seq, embed]`."""
     q, k, v = self._qkv(x, positions)
-    if self.sequence is not None:  # rows split over devices: ring / all-gather attention
-      return self._out(self.sequence.attention(q, k, v, segment_ids, positions,
-                                               window=self.window, sinks=self.sinks,
-                                               impl=self.impl, **self.blocks))
-    return self._out(attention(q, k, v, segment_ids, positions, window=self.window,
-                               sinks=self.sinks, impl=self.impl, **self.blocks))
+    return self._out(self.ops.attention(q, k, v, segment_ids, positions, mask=self.mask,
+                                        **self.kernel))
 
-  # --- decoding (one document per row, positions 0, 1, ...) ---
+  # --- decoding (one device; one document per row, positions 0, 1, ...) ---
 
   def init_cache(self, batch: int, max_len: int) -> KVCache:
     shape = (batch, max_len, self.k.shape[1], self.k.shape[2])
@@ -93,11 +178,14 @@ class Attention(nnx.Module):
     """Attention over a prompt `[batch, k, embed]`, writing its keys/values into the empty
     `cache` (from `init_cache(batch, max_len)`, max_len >= k). positions default to 0..k-1."""
     batch, seq, _ = x.shape
+    if seq > cache.k.shape[1]:
+      raise ValueError(f"Attention.prefill of {seq} tokens into a KV cache of max_len="
+                       f"{cache.k.shape[1]}: pass max_len >= {seq} to init_cache.")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     q, k, v = self._qkv(x, positions)
-    y = self._out(attention(q, k, v, jnp.ones((batch, seq), jnp.int32), positions,
-                            window=self.window, sinks=self.sinks, impl=self.impl))
+    y = self._out(LOCAL.attention(q, k, v, jnp.ones((batch, seq), jnp.int32), positions,
+                                  mask=self.mask, **self.kernel))
     update = lambda buf, new: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype),
                                                            (0, 0, 0, 0))
     return y, KVCache(k=update(cache.k, k), v=update(cache.v, v),
@@ -106,8 +194,9 @@ class Attention(nnx.Module):
   def step(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """One token `[batch, embed]` at position cache.index -> (`[batch, embed]`, cache).
 
-    The caller keeps cache.index < max_len (past it, the write would be clamped).
+    Fails (ValueError; under jit, when the step runs) once cache.index reaches max_len.
     """
+    _check_room(cache.index, cache.k.shape[1])
     batch = x.shape[0]
     positions = jnp.broadcast_to(cache.index, (batch, 1))
     q, k, v = self._qkv(x[:, None], positions)
@@ -115,5 +204,5 @@ class Attention(nnx.Module):
     ks = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
     vs = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
     out = cached_attention(q, ks.astype(q.dtype), vs.astype(q.dtype), cache.index + 1,
-                           self.window, self.sinks)
+                           self.mask.window, self.mask.sinks)
     return self._out(out)[:, 0], KVCache(k=ks, v=vs, index=cache.index + 1)

@@ -1,14 +1,31 @@
-"""Small parameter-owning layers: RMSNorm, token embedding, SwiGLU MLP.
+"""Small parameter-owning layers (RMSNorm, token embedding) and what every mixer is built with.
 
 Parameters are float32 and carry `logical_axes` (one name per dimension) for the sharding
 rules in `lcjax.parallel`; they are cast to the activations' dtype where they are used.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcjax.models.config import ModelConfig
+
+@dataclasses.dataclass(frozen=True)
+class ModelWide:
+  """The model-wide numbers a mixer is built with besides its own config
+  (`lcjax.models.config.ModelConfig.wide`)."""
+  d_model: int
+  dtype: jnp.dtype  # the compute dtype
+  init_std: float  # projections that read the residual stream
+  output_init_std: float  # projections that write into it
+  norm_eps: float
+
+
+def check_impl(impl: str, field: str, impls) -> None:
+  """Fails naming the gin binding `field` unless impl is "auto" or a key of `impls`."""
+  if impl != "auto" and impl not in impls:
+    raise ValueError(f"{field}={impl!r} is not one of {('auto',) + tuple(sorted(impls))}.")
 
 
 def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float,
@@ -50,35 +67,3 @@ class Embed(nnx.Module):
     """`[batch, seq, embed]` -> float32 logits `[batch, seq, vocab]` (accumulated in float32)."""
     table = self.embedding[...].astype(x.dtype)
     return jnp.einsum("bsd,vd->bsv", x, table, preferred_element_type=jnp.float32)
-
-
-class MLP(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x)). A mixer, so it takes and ignores the extras."""
-
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, sequence=None):
-    del sequence  # per token: a split sequence changes nothing
-    d, f = cfg.d_model, cfg.mlp_dim
-    self.gate = normal_param(rngs, (d, f), cfg.init_std, ("embed", "mlp"))
-    self.up = normal_param(rngs, (d, f), cfg.init_std, ("embed", "mlp"))
-    self.down = normal_param(rngs, (f, d), cfg.output_init_std, ("mlp", "embed"))
-
-  def __call__(self, x: jax.Array, *, segment_ids=None, positions=None) -> jax.Array:
-    """`[batch, seq, embed]` -> same shape and dtype."""
-    del segment_ids, positions
-    dt = x.dtype
-    h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
-    return h @ self.down[...].astype(dt)
-
-  # Decoding: stateless, so the cache is None (the interface of Attention and Mamba2).
-
-  def init_cache(self, batch: int, max_len: int | None = None) -> None:
-    del batch, max_len
-
-  def prefill(self, x: jax.Array, cache=None, *, positions=None) -> tuple[jax.Array, None]:
-    del cache, positions
-    return self(x), None
-
-  def step(self, x: jax.Array, cache=None) -> tuple[jax.Array, None]:
-    """`[batch, embed]` -> `[batch, embed]`."""
-    del cache
-    return self(x), None

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lcjax.kernels.ops import LOCAL
 from lcjax.models.config import ModelConfig
 from lcjax.models.layers import Embed, RMSNorm, normal_param
 from lcjax.models.pattern import MIXERS, parse_pattern
@@ -13,9 +14,9 @@ from lcjax.parallel.sequence import SequenceSharding
 class Block(nnx.Module):
   """x + mixer(norm(x)): one block per pattern symbol, as in Megatron's hybrid models."""
 
-  def __init__(self, cfg: ModelConfig, symbol: str, *, rngs: nnx.Rngs, sequence=None):
+  def __init__(self, cfg: ModelConfig, symbol: str, *, rngs: nnx.Rngs, ops=LOCAL):
     self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    self.mixer = MIXERS[symbol](cfg, rngs=rngs, sequence=sequence)
+    self.mixer = MIXERS[symbol].module(cfg.mixer_config(symbol), cfg.wide, rngs=rngs, ops=ops)
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
     return x + self.mixer(self.norm(x), segment_ids=segment_ids, positions=positions)
@@ -36,15 +37,16 @@ def _remat_policy(name: str):
 
 class LM(nnx.Module):
   """`sequence`: a `lcjax.parallel.sequence.SequenceSharding` when each row is split over
-  devices (the batch then comes in its layout's token order); None on one device."""
+  devices (the batch then comes in its layout's token order); None on one device. Either way it
+  becomes the mixers' ops object (`lcjax.kernels.ops`: `LocalOps` for None)."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs,
                sequence: SequenceSharding | None = None):
     self.config = config
-    self.sequence = sequence
     self.embed = Embed(config.vocab_size, config.d_model, std=config.init_std,
                        dtype=config.compute_dtype, rngs=rngs)
-    self.blocks = nnx.List([Block(config, s, rngs=rngs, sequence=sequence)
+    ops = LOCAL if sequence is None else sequence
+    self.blocks = nnx.List([Block(config, s, rngs=rngs, ops=ops)
                             for s in parse_pattern(config.pattern)])
     self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps)
     if not config.tie_embeddings:

@@ -27,18 +27,108 @@ Recurrent decoding: `init_cache`, `prefill` and `step`, the same interface as
 `Attention` and `MLP` (see `lcjax.models.lm.LM.decode_step`).
 """
 
+import dataclasses
 import math
 from typing import NamedTuple
 
+import gin
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcjax.kernels.conv import causal_conv
+from lcjax.config import check_types
+from lcjax.kernels import ssd as ssd_kernels
+from lcjax.kernels.ops import LOCAL
 from lcjax.kernels.ssd import ssd, ssd_step
-from lcjax.models.config import ModelConfig
-from lcjax.models.layers import normal_param
-from lcjax.parallel.sequence import SequenceSharding
+from lcjax.models.layers import ModelWide, check_impl, normal_param
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MambaConfig:
+  """The Mamba-2 mixer ("M"), named and defaulted as mamba_ssm's `Mamba2`.
+
+  d_inner = expand * d_model channels in headdim-wide heads (nheads of them) sharing ngroups
+  groups of B/C of width d_state; a depthwise causal conv of width d_conv; the SSD scan in
+  chunks of chunk_size. dt is initialised log-uniform in [dt_min, dt_max] (floored at
+  dt_init_floor) and clamped to dt_limit after the softplus; A = -a with a ~ U(A_init_range).
+  impl: the SSD kernel, by name (`lcjax.kernels.ssd.IMPLS`); "auto" picks the backend's best.
+  """
+  d_state: int = 128
+  d_conv: int = 4
+  expand: int = 2
+  headdim: int = 64
+  ngroups: int = 1
+  chunk_size: int = 256
+  dt_min: float = 0.001
+  dt_max: float = 0.1
+  dt_init_floor: float = 1e-4
+  dt_limit: tuple[float, float] = (0.0, float("inf"))
+  A_init_range: tuple[float, float] = (1.0, 16.0)
+  impl: str = "auto"
+
+  def __post_init__(self):
+    check_types(self)
+    for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"MambaConfig.{name} must be >= 1, got {getattr(self, name)}.")
+    if not 0 < self.dt_min <= self.dt_max:
+      raise ValueError(
+          f"Need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}: fix "
+          f"MambaConfig.dt_min / MambaConfig.dt_max.")
+    if self.dt_init_floor < 0:
+      raise ValueError(f"MambaConfig.dt_init_floor must be >= 0, got {self.dt_init_floor}.")
+    lo, hi = self.dt_limit
+    if not 0 <= lo < hi:
+      raise ValueError(f"MambaConfig.dt_limit={self.dt_limit} must be (min, max) with "
+                       f"0 <= min < max, e.g. (0.0, float('inf')) for no clamp.")
+    lo, hi = self.A_init_range
+    if not 0 < lo <= hi:
+      raise ValueError(f"MambaConfig.A_init_range={self.A_init_range} must be (min, max) with "
+                       f"0 < min <= max (A = -U(min, max)), e.g. (1.0, 16.0).")
+    check_impl(self.impl, "MambaConfig.impl", ssd_kernels.IMPLS)
+
+  def d_inner(self, d_model: int) -> int:
+    return self.expand * d_model
+
+  def nheads(self, d_model: int) -> int:
+    return self.d_inner(d_model) // self.headdim
+
+  def check_d_model(self, d_model: int) -> None:
+    """The constraints between this config and the model's width (only models with Mamba-2
+    layers need them)."""
+    inner, heads = self.d_inner(d_model), self.nheads(d_model)
+    if inner % self.headdim:
+      raise ValueError(
+          f"MambaConfig.expand * ModelConfig.d_model = {inner} must be a multiple of "
+          f"MambaConfig.headdim={self.headdim}: change MambaConfig.headdim (or "
+          f"MambaConfig.expand / ModelConfig.d_model).")
+    if heads % self.ngroups:
+      raise ValueError(
+          f"The {heads} Mamba-2 heads (MambaConfig.expand * ModelConfig.d_model / "
+          f"MambaConfig.headdim) must be a multiple of MambaConfig.ngroups={self.ngroups}: "
+          f"change MambaConfig.ngroups to a divisor of {heads}.")
+
+
+def mamba_flops(cfg: MambaConfig, d_model: int, seq_len: int) -> float:
+  """Forward matmul FLOPs per token: projections, the depthwise conv, and the chunked SSD
+  (chunk length Q, causal within).
+
+  Per token and head (head_dim P, state N, G groups): intra-chunk C·Bᵀ scores (per group) and
+  their weighted sum of x, both over (Q+1)/2 earlier positions on average; the token's
+  contribution to its chunk's state (x ⊗ B) and the incoming state's output (C·h), P·N each.
+  Inter-chunk state passing is O(P·N) per chunk, negligible per token.
+  """
+  d, d_inner, heads = d_model, cfg.d_inner(d_model), cfg.nheads(d_model)
+  bc = cfg.ngroups * cfg.d_state
+  projections = 2 * d * (2 * d_inner + 2 * bc + heads) + 2 * d_inner * d  # in (z,x,B,C,dt), out
+  conv = 2 * (d_inner + 2 * bc) * cfg.d_conv
+  mean_keys = (min(cfg.chunk_size, seq_len) + 1) / 2
+  scores = 2 * cfg.ngroups * cfg.d_state * mean_keys
+  mix = 2 * d_inner * mean_keys
+  states = 2 * 2 * d_inner * cfg.d_state
+  return projections + conv + scores + mix + states
+
 
 CONV_PARTS = ("x", "B", "C")  # the order of channels in the conv cache, as in mamba_ssm's xBC
 
@@ -80,21 +170,20 @@ class Mamba2(nnx.Module):
   U(-1/sqrt(d_conv), 1/sqrt(d_conv)), and the bias the same bound.
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs,
-               sequence: SequenceSharding | None = None):
-    d, inner, heads = cfg.d_model, cfg.mamba_d_inner, cfg.mamba_nheads
-    bc = cfg.mamba_ngroups * cfg.mamba_d_state
-    width = cfg.mamba_d_conv
-    self.d_inner, self.nheads, self.headdim = inner, heads, cfg.mamba_headdim
-    self.ngroups, self.d_state, self.d_conv = cfg.mamba_ngroups, cfg.mamba_d_state, width
-    self.chunk_size = cfg.mamba_chunk_size
-    self.impl = cfg.ssd_impl
-    self.sequence = sequence
-    self.dt_limit = tuple(float(v) for v in cfg.mamba_dt_limit)
-    self.eps = cfg.norm_eps
-    self.dtype = cfg.compute_dtype
+  def __init__(self, cfg: MambaConfig, wide: ModelWide, *, rngs: nnx.Rngs, ops=LOCAL):
+    d, inner, heads = wide.d_model, cfg.d_inner(wide.d_model), cfg.nheads(wide.d_model)
+    bc = cfg.ngroups * cfg.d_state
+    width = cfg.d_conv
+    self.d_inner, self.nheads, self.headdim = inner, heads, cfg.headdim
+    self.ngroups, self.d_state, self.d_conv = cfg.ngroups, cfg.d_state, width
+    self.chunk_size = cfg.chunk_size
+    self.impl = cfg.impl
+    self.ops = ops
+    self.dt_limit = tuple(float(v) for v in cfg.dt_limit)
+    self.eps = wide.norm_eps
+    self.dtype = wide.dtype
 
-    std = cfg.init_std
+    std = wide.init_std
     self.in_z = normal_param(rngs, (d, inner), std, ("embed", "ssm_inner"))
     self.in_x = normal_param(rngs, (d, inner), std, ("embed", "ssm_inner"))
     self.in_B = normal_param(rngs, (d, bc), std, ("embed", "ssm_bc"))
@@ -109,14 +198,14 @@ class Mamba2(nnx.Module):
       setattr(self, f"conv_{part}_bias", nnx.Param(_uniform(rngs, (channels,), -bound, bound),
                                                    logical_axes=(axis,)))
 
-    a = _uniform(rngs, (heads,), *cfg.mamba_A_init_range)
+    a = _uniform(rngs, (heads,), *cfg.A_init_range)
     self.A_log = nnx.Param(jnp.log(a), logical_axes=("ssm_heads",))
-    log_dt = _uniform(rngs, (heads,), math.log(cfg.mamba_dt_min), math.log(cfg.mamba_dt_max))
-    dt = jnp.maximum(jnp.exp(log_dt), cfg.mamba_dt_init_floor)
+    log_dt = _uniform(rngs, (heads,), math.log(cfg.dt_min), math.log(cfg.dt_max))
+    dt = jnp.maximum(jnp.exp(log_dt), cfg.dt_init_floor)
     self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)), logical_axes=("ssm_heads",))
     self.D = nnx.Param(jnp.ones((heads,), jnp.float32), logical_axes=("ssm_heads",))
     self.norm_scale = nnx.Param(jnp.ones((inner,), jnp.float32), logical_axes=("ssm_inner",))
-    self.out = normal_param(rngs, (inner, d), cfg.output_init_std, ("ssm_inner", "embed"))
+    self.out = normal_param(rngs, (inner, d), wide.output_init_std, ("ssm_inner", "embed"))
 
   # --- pieces shared by the parallel forward and the recurrent step ---
 
@@ -146,43 +235,33 @@ class Mamba2(nnx.Module):
     y = gated_rms_norm(y, z, self.norm_scale[...], self.ngroups, self.eps)
     return y @ self.out[...].astype(y.dtype)
 
-  def _forward(self, u: jax.Array, segment_ids, initial_state=None):
-    """Returns the output, the final SSM state and the conv inputs `[batch, seq, conv_dim]`."""
+  def _ssd_inputs(self, u: jax.Array, segment_ids, ops):
+    """in_proj and the conv (by `ops`) of u `[batch, seq, embed]` -> z, the SSD's
+    (x, dt, A, B, C) and the conv inputs (x, B, C)."""
     batch, seq, _ = u.shape
     z, conv_in, dt_raw = self._in_proj(u)
     weights, biases = self._conv_params()
-    x, B, C = (jax.nn.silu(self._conv(v, w, b, segment_ids, part))
+    x, B, C = (jax.nn.silu(ops.conv(v, w, b, segment_ids, part=part))
                for v, w, b, part in zip(conv_in, weights, biases, CONV_PARTS))
     dt, A = self._dt_A(dt_raw)
     x = x.reshape(batch, seq, self.nheads, self.headdim)
     B = B.reshape(batch, seq, self.ngroups, self.d_state)
     C = C.reshape(batch, seq, self.ngroups, self.d_state)
-    if self.sequence is None:
-      y, state = ssd(x, dt, A, B, C, chunk_size=self.chunk_size, segment_ids=segment_ids,
-                     initial_state=initial_state, impl=self.impl)
-    else:  # rows split over devices: states cross shards (training only: no state out)
-      y, state = self.sequence.ssd(x, dt, A, B, C, segment_ids, chunk_size=self.chunk_size,
-                                   impl=self.impl), None
-    return self._output(y, x, z), state, jnp.concatenate(conv_in, axis=-1)
-
-  def _conv(self, u, weight, bias, segment_ids, part: str):
-    if self.sequence is None:
-      return causal_conv(u, weight, bias, segment_ids)
-    # x's channels are split with the heads; B and C are shared by them (see the rules).
-    channel_axis = self.sequence.ssm_head_axis if part == "x" else None
-    return self.sequence.conv(u, weight, bias, segment_ids, channel_axis=channel_axis)
+    return z, (x, dt, A, B, C), conv_in
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None) -> jax.Array:
     """x `[batch, seq, embed]`, segment_ids `[batch, seq]` -> `[batch, seq, embed]`.
 
-    positions are unused (order is carried by the recurrence).
+    positions are unused (order is carried by the recurrence). The ops run in their Mamba-2
+    token order (`to_mamba_layout`), which is the batch's own except under striped sharding.
     """
     del positions
-    if self.sequence is None:
-      return self._forward(x, segment_ids)[0]
-    to, back = self.sequence.to_mamba_layout, self.sequence.from_mamba_layout
-    return back(self._forward(to(x), to(segment_ids))[0])
+    ops = self.ops
+    u, segment_ids = ops.to_mamba_layout(x), ops.to_mamba_layout(segment_ids)
+    z, args, _ = self._ssd_inputs(u, segment_ids, ops)
+    y = ops.ssd(*args, segment_ids, chunk_size=self.chunk_size, impl=self.impl)
+    return ops.from_mamba_layout(self._output(y, args[0], z))
 
   # --- recurrent decoding ---
 
@@ -196,13 +275,17 @@ class Mamba2(nnx.Module):
 
   def prefill(self, x: jax.Array, cache: MambaCache | None = None, *,
               positions: jax.Array | None = None) -> tuple[jax.Array, MambaCache]:
-    """The forward over a prompt `[batch, k, embed]` (one document per row) and its cache.
+    """The forward over a prompt `[batch, k, embed]` (one document per row, on one device)
+    and its cache.
 
     `cache`, if given, must be empty (from `init_cache`): prefill starts from zero states.
     """
     del cache, positions
-    batch, seq, _ = x.shape
-    y, state, conv_in = self._forward(x, jnp.ones((batch, seq), jnp.int32))
+    segment_ids = jnp.ones(x.shape[:2], jnp.int32)
+    z, args, conv_in = self._ssd_inputs(x, segment_ids, LOCAL)
+    y, state = ssd(*args, chunk_size=self.chunk_size, segment_ids=segment_ids, impl=self.impl)
+    y = self._output(y, args[0], z)
+    conv_in = jnp.concatenate(conv_in, axis=-1)
     keep = self.d_conv - 1
     conv_in = jnp.pad(conv_in, ((0, 0), (keep, 0), (0, 0)))[:, conv_in.shape[1]:]
     return y, MambaCache(conv=conv_in.astype(self.dtype), ssm=state.astype(jnp.float32))

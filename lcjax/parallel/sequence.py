@@ -2,9 +2,10 @@
 (attention, the Mamba-2 conv and SSD) on rows split over the `sequence` mesh axis.
 
 The loop builds a `SequenceSharding` from the mesh, the logical-axis rules and the gin
-`SequenceConfig`, and hands it to the model (`LM(..., sequence=...)`); mixers call its methods
-instead of the single-device kernels when it is set. Everything else in the model is per token
-and needs nothing: XLA shards it along the sequence like any other axis.
+`SequenceConfig`, and hands it to the model (`LM(..., sequence=...)`). It is the mixers' ops
+object (`lcjax.kernels.ops`): the same methods as `LocalOps`, for rows split over devices, so
+mixers never branch on where the rows live. Everything else in the model is per token and needs
+nothing: XLA shards it along the sequence like any other axis.
 
 Layouts (`lcjax.parallel.layout`): the batch arrives already permuted into the layout. Ring and
 all-gather attention take any layout (their mask follows each token's original index). The
@@ -22,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lcjax.config import check_types
+from lcjax.kernels.mask import Mask
 from lcjax.parallel import sharding
 from lcjax.parallel.layout import LAYOUTS, check_layout
 from lcjax.parallel.ring_attention import METHODS, sequence_attention
@@ -34,7 +36,8 @@ class SequenceConfig:
   """layout: how a row's tokens are dealt to the sequence shards (contiguous, zigzag, striped).
   attention: "ring" (k/v blocks passed around the ring, O(seq / N) memory per device) or
     "allgather" (k/v gathered whole: simpler, O(seq) memory, one collective).
-  Each device's local attention is tiled by the model's attention_block_q / attention_block_kv.
+  Each device's local attention is tiled by AttentionConfig.block_q / block_kv, with the kernel
+  AttentionConfig.impl names ("blockwise" or "pallas"; "auto" is blockwise).
   """
   layout: str = "zigzag"
   attention: str = "ring"
@@ -46,6 +49,10 @@ class SequenceConfig:
     if self.attention not in METHODS:
       raise ValueError(f"SequenceConfig.attention={self.attention!r} is not one of "
                        f"{tuple(sorted(METHODS))}.")
+
+
+# The attention impls ring / all-gather attention can run per block.
+SEQUENCE_ATTENTION_IMPLS = ("auto", "blockwise", "pallas")
 
 
 def _one_axis(axes):
@@ -96,15 +103,25 @@ class SequenceSharding:
   def _axes(self):
     return dict(mesh=self.mesh, batch_axes=self.batch_axes, seq_axis=self.seq_axis)
 
-  def attention(self, q, k, v, segment_ids, positions, *, window, sinks, impl, block_q,
-                block_kv):
+  def check_attention_impl(self, impl: str) -> None:
+    """Ring and all-gather attention run a tiled kernel on each block: "blockwise" (plain JAX)
+    or "pallas"; "auto" is blockwise here. Fails, at build, for the whole-row ones."""
+    if impl not in SEQUENCE_ATTENTION_IMPLS:
+      raise ValueError(
+          f"AttentionConfig.impl={impl!r} cannot run with the sequence split over "
+          f"{self.shards} devices: ring / all-gather attention run a tiled kernel per block. "
+          f"Set AttentionConfig.impl to one of {SEQUENCE_ATTENTION_IMPLS} ('auto' is "
+          f"blockwise here), or MeshConfig.sequence = 1.")
+
+  def attention(self, q, k, v, segment_ids, positions, *, mask: Mask, impl: str, block_q: int,
+                block_kv: int):
     """q `[batch, seq, heads, head_dim]`, k, v `[batch, seq, kv_heads, head_dim]`, all in the
-    layout's order -> out like q. impl: the model's attention_impl; "pallas" runs the Pallas
-    kernel on each block, anything else the blockwise plain-JAX path, in tiles of
-    block_q x block_kv."""
+    layout's order -> out like q, each device's share in tiles of block_q x block_kv."""
+    self.check_attention_impl(impl)
     return sequence_attention(q, k, v, segment_ids, positions, layout=self.layout,
-                              method=self.config.attention, window=window, sinks=sinks,
-                              head_axis=self.head_axis, block_q=block_q, block_kv=block_kv,
+                              method=self.config.attention, window=mask.window,
+                              sinks=mask.sinks, head_axis=self.head_axis, block_q=block_q,
+                              block_kv=block_kv,
                               kernel="pallas" if impl == "pallas" else "blockwise",
                               **self._axes())
 
@@ -112,11 +129,15 @@ class SequenceSharding:
     """The layout the Mamba-2 ops run in: the batch's own, except striped -> contiguous."""
     return "contiguous" if self.layout == "striped" else self.layout
 
-  def conv(self, u, weight, bias, segment_ids, *, channel_axis):
+  def conv(self, u, weight, bias, segment_ids, *, part: str):
+    """part: which conv input ("x", "B", "C"). x's channels are split with the Mamba-2 heads;
+    B and C are shared by all heads, so replicated over the head axis (see the rules)."""
+    channel_axis = self.ssm_head_axis if part == "x" else None
     return sharded_causal_conv(u, weight, bias, segment_ids, layout=self.mamba_layout(),
                                channel_axis=channel_axis, **self._axes())
 
-  def ssd(self, x, dt, A, B, C, segment_ids, *, chunk_size, impl):
+  def ssd(self, x, dt, A, B, C, segment_ids, *, chunk_size: int, impl: str):
+    """y of `lcjax.kernels.ssd.ssd` over rows split across devices (states cross shards)."""
     return sharded_ssd(x, dt, A, B, C, segment_ids, layout=self.mamba_layout(),
                        chunk_size=chunk_size, head_axis=self.ssm_head_axis, impl=impl,
                        **self._axes())

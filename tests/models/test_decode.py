@@ -2,21 +2,26 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from lcjax.models.attention import KVCache
+from lcjax.kernels import ops
+from lcjax.models.attention import Attention, AttentionConfig, KVCache
 from lcjax.models.config import ModelConfig
 from lcjax.models.lm import LM
-from lcjax.models.mamba import MambaCache
+from lcjax.models.mamba import MambaCache, MambaConfig
+from lcjax.models.mlp import MLPConfig
 
 # d_conv 4 and chunks of 16: k = 1 and 2 are shorter than the conv window (d_conv - 1 = 3),
 # k = 21 is not a multiple of the chunk and spans two.
-CFG = ModelConfig(vocab_size=64, d_model=32, pattern="M-M-", num_heads=4, num_kv_heads=2,
-                  head_dim=8, mlp_dim=64, mamba_d_state=16, mamba_headdim=16, mamba_ngroups=2,
-                  mamba_chunk_size=16, init_std=0.1, dtype="float32")
+CFG = ModelConfig(vocab_size=64, d_model=32, pattern="M-M-",
+                  attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8),
+                  mlp=MLPConfig(hidden_dim=64),
+                  mamba=MambaConfig(d_state=16, headdim=16, ngroups=2, chunk_size=16),
+                  init_std=0.1, dtype="float32")
 SEQ = 24
 
 
@@ -50,8 +55,8 @@ def decode(model, tokens, k):
     ("M-M-", "rope", None, 0), ("M*M-", "rope", None, 0), ("M*M-", "none", None, 0),
     ("*-*-", "rope", 5, 2)])
 def test_prefill_then_steps_match_forward(rng, pattern, position_encoding, window, sinks):
-  cfg = dataclasses.replace(CFG, pattern=pattern, position_encoding=position_encoding,
-                            attention_window=window, attention_sinks=sinks)
+  cfg = dataclasses.replace(CFG, pattern=pattern, attention=dataclasses.replace(
+      CFG.attention, position_encoding=position_encoding, window=window, sinks=sinks))
   model = LM(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
   tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, SEQ)), jnp.int32)
   want = forward(model, tokens)
@@ -67,17 +72,19 @@ def test_cache_structure():
   cfg = dataclasses.replace(CFG, pattern="M*M-")
   model = LM(cfg, rngs=nnx.Rngs(0))
   mamba, kv, _, mlp = model.init_cache(3, 10)
-  conv_dim = cfg.mamba_d_inner + 2 * cfg.mamba_ngroups * cfg.mamba_d_state
-  assert isinstance(mamba, MambaCache) and mamba.conv.shape == (3, cfg.mamba_d_conv - 1, conv_dim)
-  assert mamba.ssm.shape == (3, cfg.mamba_nheads, cfg.mamba_headdim, cfg.mamba_d_state)
+  m, d = cfg.mamba, cfg.d_model
+  conv_dim = m.d_inner(d) + 2 * m.ngroups * m.d_state
+  assert isinstance(mamba, MambaCache) and mamba.conv.shape == (3, m.d_conv - 1, conv_dim)
+  assert mamba.ssm.shape == (3, m.nheads(d), m.headdim, m.d_state)
   assert mamba.ssm.dtype == jnp.float32
-  assert isinstance(kv, KVCache) and kv.k.shape == (3, 10, cfg.num_kv_heads, cfg.head_dim)
+  kv_shape = (3, 10, cfg.attention.num_kv_heads, cfg.attention.head_dim)
+  assert isinstance(kv, KVCache) and kv.k.shape == kv_shape
   assert mlp is None
 
   # Prefill of a prompt shorter than the conv window: the window is zero-padded in front.
   tokens = jnp.asarray([[3, 5], [7, 1]], jnp.int32)
   _, (mamba, kv, _, _) = prefill(model, tokens, SEQ)  # compiled by the test above
-  assert mamba.conv.shape == (2, cfg.mamba_d_conv - 1, conv_dim)
+  assert mamba.conv.shape == (2, m.d_conv - 1, conv_dim)
   np.testing.assert_array_equal(mamba.conv[:, :-2], 0.0)
   assert np.abs(mamba.conv[:, -2:]).max() > 0
   assert int(kv.index) == 2
@@ -94,3 +101,40 @@ def test_bfloat16_decoding_float32_logits(rng):
   assert cache[1].k.dtype == jnp.bfloat16
   want = forward(model, tokens)
   np.testing.assert_allclose(got, want, atol=0.05 * float(jnp.abs(want).max()))
+
+
+def _attention_at_capacity(max_len=4):
+  """An attention mixer and its cache, filled to max_len by prefill."""
+  mixer = Attention(CFG.attention, CFG.wide, rngs=nnx.Rngs(0))
+  x = jnp.ones((2, max_len, CFG.d_model), jnp.float32)
+  _, cache = mixer.prefill(x, mixer.init_cache(2, max_len))
+  return mixer, cache
+
+
+def test_step_past_max_len_fails():
+  mixer, cache = _attention_at_capacity()
+  with pytest.raises(ValueError, match="max_len=4"):
+    mixer.step(jnp.ones((2, CFG.d_model)), cache)
+  with pytest.raises(ValueError, match="max_len=3"):
+    mixer.prefill(jnp.ones((2, 4, CFG.d_model)), mixer.init_cache(2, 3))
+
+
+def test_jitted_step_past_max_len_fails_when_run():
+  mixer, cache = _attention_at_capacity()
+  step = nnx.jit(lambda m, x, c: m.step(x, c))
+  x = jnp.ones((2, CFG.d_model))
+  _, room = mixer.prefill(jnp.ones((2, 3, CFG.d_model)), mixer.init_cache(2, 4))
+  y, _ = step(mixer, x, room)  # the last slot: fine
+  assert np.isfinite(np.asarray(y)).all()
+  with pytest.raises(Exception, match="max_len=4"):
+    jax.block_until_ready(step(mixer, x, cache))
+
+
+def test_prefill_uses_the_configured_kernel_and_tiles(monkeypatch):
+  seen = []
+  real = ops.attention
+  monkeypatch.setattr(ops, "attention", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+  cfg = dataclasses.replace(CFG.attention, impl="blockwise", block_q=8, block_kv=16)
+  mixer = Attention(cfg, CFG.wide, rngs=nnx.Rngs(0))
+  mixer.prefill(jnp.ones((1, 5, CFG.d_model)), mixer.init_cache(1, 8))
+  assert [(kw["impl"], kw["block_q"], kw["block_kv"]) for kw in seen] == [("blockwise", 8, 16)]

@@ -8,12 +8,17 @@ import optax
 import pytest
 from flax import nnx
 
-from lcjax.models.config import ModelConfig, num_params
+from lcjax.models.attention import AttentionConfig
+from lcjax.models.config import ModelConfig
 from lcjax.models.lm import LM
+from lcjax.models.mamba import MambaConfig
+from lcjax.models.mlp import MLPConfig
+from lcjax.models.report import counted_params, mixer_params
 
 # Smaller than the default so the whole file compiles in a few seconds.
-SMALL = ModelConfig(vocab_size=64, d_model=32, pattern="*-*-", num_heads=4, num_kv_heads=2,
-                    head_dim=8, mlp_dim=64)
+SMALL = ModelConfig(vocab_size=64, d_model=32, pattern="*-*-",
+                    attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8),
+                    mlp=MLPConfig(hidden_dim=64))
 
 
 def make(cfg=SMALL, seed=0):
@@ -54,7 +59,8 @@ def test_logits_float32_with_bfloat16_compute(rng):
 
 @pytest.mark.parametrize("position_encoding", ["rope", "none"])
 def test_packed_row_equals_documents_run_alone(rng, position_encoding):
-  model = make(dataclasses.replace(SMALL, position_encoding=position_encoding))
+  model = make(dataclasses.replace(SMALL, attention=dataclasses.replace(
+      SMALL.attention, position_encoding=position_encoding)))
   lengths = (5, 7)
   docs = [jnp.asarray(rng.integers(0, SMALL.vocab_size, (1, n)), jnp.int32) for n in lengths]
   pad = 4
@@ -82,9 +88,15 @@ def test_remat_same_loss_and_grads(rng, remat):
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_num_params(tie):
-  for cfg in (ModelConfig(tie_embeddings=tie), dataclasses.replace(SMALL, tie_embeddings=tie)):
-    model = LM(cfg, rngs=nnx.Rngs(0))
-    assert sum(p.size for p in params(model)) == num_params(cfg)
+  cfg = dataclasses.replace(SMALL, tie_embeddings=tie)
+  attention = 32 * (4 + 2 * 2) * 8 + 4 * 8 * 32  # q, k, v (2 kv heads); o
+  mlp = 3 * 32 * 64  # gate, up, down
+  by_hand = (64 * 32 * (1 if tie else 2)  # embedding (and the untied head)
+             + 2 * (32 + attention) + 2 * (32 + mlp)  # blocks, each with its pre-norm
+             + 32)  # final norm
+  assert (mixer_params(cfg, "*"), mixer_params(cfg, "-")) == (attention, mlp)
+  assert counted_params(cfg) == by_hand
+  assert sum(p.size for p in params(LM(cfg, rngs=nnx.Rngs(0)))) == by_hand
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -104,30 +116,43 @@ def test_every_param_has_logical_axes():
     assert axes is not None and len(axes) == var[...].ndim, jax.tree_util.keystr(path)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(num_heads=4, num_kv_heads=3), "num_kv_heads"),
-    (dict(head_dim=33), "head_dim"),
-    (dict(remat="save_only_these_names"), "dots_saveable"),
-    (dict(dtype="float8"), "dtype"),
-    (dict(position_encoding="alibi"), "position_encoding"),
-    (dict(pattern="*-?"), "position 2"),
+@pytest.mark.parametrize("config, overrides, message", [
+    (AttentionConfig, dict(num_heads=4, num_kv_heads=3), "AttentionConfig.num_kv_heads"),
+    (AttentionConfig, dict(head_dim=33), "AttentionConfig.head_dim"),
+    (ModelConfig, dict(remat="save_only_these_names"), "dots_saveable"),
+    (ModelConfig, dict(dtype="float8"), "dtype"),
+    (AttentionConfig, dict(position_encoding="alibi"), "position_encoding"),
+    (ModelConfig, dict(pattern="*-?"), "position 2"),
+    (AttentionConfig, dict(window=0), "AttentionConfig.window"),
+    (AttentionConfig, dict(sinks=2), "AttentionConfig.window"),
+    (AttentionConfig, dict(impl="flash"), "AttentionConfig.impl"),
+    (MambaConfig, dict(impl="flash"), "MambaConfig.impl"),
+    (MLPConfig, dict(hidden_dim=0), "MLPConfig.hidden_dim"),
 ])
-def test_config_validation(overrides, message):
+def test_config_validation(config, overrides, message):
   with pytest.raises(ValueError, match=message):
-    ModelConfig(**overrides)
+    config(**overrides)
 
 
 def test_config_odd_head_dim_without_rope_is_fine():
-  ModelConfig(head_dim=33, position_encoding="none")
+  ModelConfig(attention=AttentionConfig(head_dim=33, position_encoding="none"))
+
+
+def test_sub_config_type_is_checked():
+  with pytest.raises(TypeError, match="ModelConfig.attention"):
+    ModelConfig(attention=MLPConfig())
 
 
 def test_config_is_gin_configurable():
   # A scoped binding, so the global gin config other tests may use is left alone.
   with gin.unlock_config():
     gin.parse_config("test_lm_scope/ModelConfig.d_model = 64")
+    gin.parse_config("test_lm_scope/AttentionConfig.num_heads = 8")
   with gin.config_scope("test_lm_scope"):
     assert ModelConfig().d_model == 64
+    assert ModelConfig().attention.num_heads == 8  # sub-configs take their own bindings
   assert ModelConfig().d_model == 128
+  assert ModelConfig().attention.num_heads == 4
 
 
 @pytest.mark.parametrize("remat, wrapped", [("none", 0), ("full", 4), ("dots_saveable", 4)])

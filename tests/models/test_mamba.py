@@ -9,19 +9,33 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lcjax.models.config import ModelConfig, num_params
+from lcjax.models.attention import AttentionConfig
+from lcjax.models.config import ModelConfig
 from lcjax.models.lm import LM
-from lcjax.models.mamba import Mamba2
+from lcjax.models.mamba import Mamba2, MambaConfig
+from lcjax.models.mlp import MLPConfig
+from lcjax.models.report import counted_params, mixer_params
+from tests.numerics import random_segments
 
 # 64 channels in 4 heads of 16, 2 groups of B/C, chunks of 16 (so seq 24 spans two).
-CFG = ModelConfig(vocab_size=64, d_model=32, pattern="M", num_heads=4, num_kv_heads=2,
-                  head_dim=8, mlp_dim=64, mamba_d_state=16, mamba_headdim=16, mamba_ngroups=2,
-                  mamba_chunk_size=16, init_std=0.1, dtype="float32")
+CFG = ModelConfig(vocab_size=64, d_model=32, pattern="M",
+                  attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8),
+                  mlp=MLPConfig(hidden_dim=64),
+                  mamba=MambaConfig(d_state=16, headdim=16, ngroups=2, chunk_size=16),
+                  init_std=0.1, dtype="float32")
+
+
+def with_mamba(cfg, **overrides):
+  """cfg with its MambaConfig fields (and ModelConfig fields, for d_model, pattern, init_std,
+  tie_embeddings) replaced."""
+  model = {k: overrides.pop(k) for k in ("d_model", "pattern", "init_std", "tie_embeddings")
+           if k in overrides}
+  return dataclasses.replace(cfg, mamba=dataclasses.replace(cfg.mamba, **overrides), **model)
 
 
 def make_mixer(rng, cfg=CFG):
   """A mixer whose D and norm scale are random too (init sets them to 1, hiding misuse)."""
-  mixer = Mamba2(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  mixer = Mamba2(cfg.mamba, cfg.wide, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
   mixer.D[...] = jnp.asarray(rng.uniform(0.5, 1.5, mixer.D.shape), jnp.float32)
   mixer.norm_scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, mixer.norm_scale.shape), jnp.float32)
   return mixer
@@ -34,8 +48,9 @@ def naive_mamba2(p, u, segment_ids, cfg):
   The conv keeps a window of the last d_conv inputs, emptied where a document starts.
   """
   batch, seq, _ = u.shape
-  inner, heads, hd = cfg.mamba_d_inner, cfg.mamba_nheads, cfg.mamba_headdim
-  groups, n, width = cfg.mamba_ngroups, cfg.mamba_d_state, cfg.mamba_d_conv
+  m = cfg.mamba
+  inner, heads, hd = m.d_inner(cfg.d_model), m.nheads(cfg.d_model), m.headdim
+  groups, n, width = m.ngroups, m.d_state, m.d_conv
   group_of_head = np.arange(heads) // (heads // groups)
   w = jnp.concatenate([p["conv_x"], p["conv_B"], p["conv_C"]], axis=-1)  # [width, channels]
   bias = jnp.concatenate([p["conv_x_bias"], p["conv_B_bias"], p["conv_C_bias"]])
@@ -53,7 +68,7 @@ def naive_mamba2(p, u, segment_ids, cfg):
     x = conv[:, :inner].reshape(batch, heads, hd)
     B = conv[:, inner:inner + groups * n].reshape(batch, groups, n)[:, group_of_head]
     C = conv[:, inner + groups * n:].reshape(batch, groups, n)[:, group_of_head]
-    dt = jnp.clip(jax.nn.softplus(u_t @ p["in_dt"] + p["dt_bias"]), *cfg.mamba_dt_limit)
+    dt = jnp.clip(jax.nn.softplus(u_t @ p["in_dt"] + p["dt_bias"]), *m.dt_limit)
     decay = jnp.exp(dt * A)[:, :, None, None]
     state = decay * state + dt[:, :, None, None] * x[..., None] * B[:, :, None, :]
     y = jnp.einsum("bhpn,bhn->bhp", state, C) + p["D"][:, None] * x
@@ -69,23 +84,9 @@ def naive_mamba2(p, u, segment_ids, cfg):
   return jnp.moveaxis(out, 0, 1)
 
 
-def random_segments(rng, batch, seq):
-  """Rows of 1-4 packed documents of random lengths (some of length 1), then maybe padding."""
-  rows = []
-  for _ in range(batch):
-    cuts = np.sort(rng.choice(np.arange(1, seq), size=rng.integers(0, 4), replace=False))
-    ids = np.zeros(seq, np.int32)
-    for i, (s, e) in enumerate(zip([0, *cuts], [*cuts, seq])):
-      ids[s:e] = i + 1
-    if rng.random() < 0.5:
-      ids[ids == ids.max()] = 0  # the last document becomes padding
-    rows.append(ids)
-  return np.stack(rows)
-
-
 def test_forward_and_grads_match_naive(rng):
   # dt starts in [0.001, 0.1] (then the projection moves it): this limit clamps some of it.
-  cfg = dataclasses.replace(CFG, mamba_dt_limit=(0.003, 0.05))
+  cfg = with_mamba(CFG, dt_limit=(0.003, 0.05))
   mixer = make_mixer(rng, cfg)
   batch, seq = 2, 24
   u = jnp.asarray(rng.normal(size=(batch, seq, cfg.d_model)), jnp.float32)
@@ -119,11 +120,10 @@ def test_forward_and_grads_match_naive(rng):
 
 
 def test_init_distributions():
-  cfg = dataclasses.replace(CFG, d_model=256, mamba_headdim=2, mamba_ngroups=1,
-                            mamba_dt_min=0.002, mamba_dt_max=0.05, mamba_dt_init_floor=1e-3,
-                            mamba_A_init_range=(2.0, 8.0), init_std=0.02)
-  mixer = Mamba2(cfg, rngs=nnx.Rngs(0))
-  heads = cfg.mamba_nheads
+  cfg = with_mamba(CFG, d_model=256, headdim=2, ngroups=1, dt_min=0.002, dt_max=0.05,
+                   dt_init_floor=1e-3, A_init_range=(2.0, 8.0), init_std=0.02)
+  mixer = Mamba2(cfg.mamba, cfg.wide, rngs=nnx.Rngs(0))
+  heads = cfg.mamba.nheads(cfg.d_model)
   assert heads == 256
   a = np.exp(np.asarray(mixer.A_log[...]))
   assert a.min() >= 2.0 and a.max() <= 8.0 and a.max() - a.min() > 5.0  # spread over the range
@@ -134,7 +134,7 @@ def test_init_distributions():
   assert abs(log_dt.mean() - (math.log(0.002) + math.log(0.05)) / 2) < 0.2
   np.testing.assert_array_equal(mixer.D[...], 1.0)
   np.testing.assert_array_equal(mixer.norm_scale[...], 1.0)
-  bound = 1 / math.sqrt(cfg.mamba_d_conv)
+  bound = 1 / math.sqrt(cfg.mamba.d_conv)
   for name in ("conv_x", "conv_B", "conv_C", "conv_x_bias", "conv_B_bias", "conv_C_bias"):
     v = np.asarray(getattr(mixer, name)[...])
     assert np.abs(v).max() <= bound and np.abs(v).max() > 0.8 * bound, name
@@ -144,13 +144,13 @@ def test_init_distributions():
 
 
 def test_dt_init_floor():
-  cfg = dataclasses.replace(CFG, mamba_dt_min=1e-4, mamba_dt_max=1e-3, mamba_dt_init_floor=5e-4)
-  dt = jax.nn.softplus(Mamba2(cfg, rngs=nnx.Rngs(0)).dt_bias[...])
+  cfg = with_mamba(CFG, dt_min=1e-4, dt_max=1e-3, dt_init_floor=5e-4)
+  dt = jax.nn.softplus(Mamba2(cfg.mamba, cfg.wide, rngs=nnx.Rngs(0)).dt_bias[...])
   assert float(dt.min()) >= 5e-4 * (1 - 1e-5)
 
 
 def test_logical_axes():
-  mixer = Mamba2(CFG, rngs=nnx.Rngs(0))
+  mixer = Mamba2(CFG.mamba, CFG.wide, rngs=nnx.Rngs(0))
   inner, bc, heads = "ssm_inner", "ssm_bc", "ssm_heads"
   want = {
       "in_z": ("embed", inner), "in_x": ("embed", inner), "in_B": ("embed", bc),
@@ -165,9 +165,10 @@ def test_logical_axes():
     var = getattr(mixer, name)
     assert var.get_metadata()["logical_axes"] == axes, name
     assert var[...].ndim == len(axes) and var[...].dtype == jnp.float32, name
-  d, i, g = CFG.d_model, CFG.mamba_d_inner, CFG.mamba_ngroups * CFG.mamba_d_state
-  assert mixer.in_B.shape == (d, g) and mixer.conv_x.shape == (CFG.mamba_d_conv, i)
-  assert mixer.in_dt.shape == (d, CFG.mamba_nheads) and mixer.out.shape == (i, d)
+  m = CFG.mamba
+  d, i, g = CFG.d_model, m.d_inner(CFG.d_model), m.ngroups * m.d_state
+  assert mixer.in_B.shape == (d, g) and mixer.conv_x.shape == (m.d_conv, i)
+  assert mixer.in_dt.shape == (d, m.nheads(d)) and mixer.out.shape == (i, d)
 
 
 def pack(docs, pad, total):
@@ -202,7 +203,7 @@ def test_mixer_packed_row_equals_documents_alone(rng):
   assert_packed_equals_alone(out, lengths)
 
 
-LM_CFG = dataclasses.replace(CFG, pattern="M*M-", mamba_ngroups=1, init_std=0.02)
+LM_CFG = with_mamba(CFG, pattern="M*M-", ngroups=1, init_std=0.02)
 
 
 @nnx.jit
@@ -212,32 +213,46 @@ def lm_forward(model, inputs, segment_ids, positions):
 
 @pytest.mark.parametrize("position_encoding", ["rope", "none"])
 def test_lm_packed_row_equals_documents_alone(rng, position_encoding):
-  model = LM(dataclasses.replace(LM_CFG, position_encoding=position_encoding),
-             rngs=nnx.Rngs(0))
+  model = LM(dataclasses.replace(LM_CFG, attention=dataclasses.replace(
+      LM_CFG.attention, position_encoding=position_encoding)), rngs=nnx.Rngs(0))
   lengths, pad = (5, 2, 1, 9), 3
   docs = [rng.integers(0, CFG.vocab_size, n).astype(np.int32) for n in lengths]
   assert_packed_equals_alone(lm_forward(model, *pack(docs, pad, sum(lengths) + pad)), lengths)
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(pattern="M"), dict(pattern="M*M-"), dict(pattern="MM", mamba_ngroups=2),
-    dict(pattern="M-", tie_embeddings=False, mamba_expand=3, mamba_d_conv=2),
+    dict(pattern="M"), dict(pattern="M*M-"), dict(pattern="MM", ngroups=2),
+    dict(pattern="M-", tie_embeddings=False, expand=3, d_conv=2),
 ])
 def test_num_params_with_mamba(overrides):
-  cfg = dataclasses.replace(LM_CFG, **overrides)
+  cfg = with_mamba(LM_CFG, **overrides)
+  d, vocab, m = 32, 64, cfg.mamba  # d_state 16, headdim 16 (CFG)
+  inner = m.expand * d
+  heads, bc = inner // 16, 2 * m.ngroups * 16  # B and C
+  by_hand = {
+      "M": (d * (2 * inner + bc + heads)  # in_proj: z, x, B, C, dt
+            + (m.d_conv + 1) * (inner + bc)  # depthwise conv weights and biases over x, B, C
+            + 3 * heads + inner + inner * d),  # A_log, dt_bias, D; gated norm; out_proj
+      "*": d * (4 + 2 * 2) * 8 + 4 * 8 * d,  # q, k, v (2 kv heads of 8); o
+      "-": 3 * d * 64,  # gate, up, down
+  }
+  total = (vocab * d * (1 if cfg.tie_embeddings else 2)  # embedding (and untied head)
+           + sum(d + by_hand[s] for s in cfg.pattern) + d)  # blocks with pre-norms, final norm
+  assert {s: mixer_params(cfg, s) for s in set(cfg.pattern)} == {
+      s: by_hand[s] for s in set(cfg.pattern)}
   model = LM(cfg, rngs=nnx.Rngs(0))
-  assert sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))) == num_params(cfg)
+  assert sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))) == total
 
 
 def test_num_params_mamba_ssm_130m():
   # mamba_ssm's Mamba2-130m (vocab 50277 padded to 50288, tied), from its modules' shapes.
-  cfg = ModelConfig(vocab_size=50288, d_model=768, pattern="M" * 24)
+  cfg = ModelConfig(vocab_size=50288, d_model=768, pattern="M" * 24, mamba=MambaConfig())
   per_layer = (768 * 3352  # in_proj: 2 * 1536 (z, x) + 2 * 128 (B, C) + 24 (dt) outputs
                + 1792 * 4 + 1792  # conv1d weight [1792, 1, 4] and bias
                + 3 * 24 + 1536  # A_log, D, dt_bias; norm
                + 1536 * 768  # out_proj
                + 768)  # the block's norm
-  assert num_params(cfg) == 50288 * 768 + 24 * per_layer + 768 == 128_989_632
+  assert counted_params(cfg) == 50288 * 768 + 24 * per_layer + 768 == 128_989_632
 
 
 def test_bfloat16_compute_float32_logits(rng):
@@ -252,21 +267,21 @@ def test_bfloat16_compute_float32_logits(rng):
 
 
 @pytest.mark.parametrize("overrides, error, message", [
-    (dict(mamba_headdim=24), ValueError, "mamba_headdim"),
-    (dict(mamba_ngroups=3), ValueError, "mamba_ngroups"),
-    (dict(mamba_d_state=0), ValueError, "mamba_d_state"),
-    (dict(mamba_chunk_size=0), ValueError, "mamba_chunk_size"),
-    (dict(mamba_dt_min=0.2), ValueError, "mamba_dt_min"),
-    (dict(mamba_dt_init_floor=-1.0), ValueError, "mamba_dt_init_floor"),
-    (dict(mamba_dt_limit=(0.1, 0.01)), ValueError, "mamba_dt_limit"),
-    (dict(mamba_A_init_range=(0.0, 16.0)), ValueError, "mamba_A_init_range"),
-    (dict(mamba_dt_limit=(0.0, "inf")), TypeError, "mamba_dt_limit"),
-    (dict(mamba_A_init_range=(1.0, 2.0, 3.0)), TypeError, "mamba_A_init_range"),
+    (dict(headdim=24), ValueError, "MambaConfig.headdim"),
+    (dict(ngroups=3), ValueError, "MambaConfig.ngroups"),
+    (dict(d_state=0), ValueError, "MambaConfig.d_state"),
+    (dict(chunk_size=0), ValueError, "MambaConfig.chunk_size"),
+    (dict(dt_min=0.2), ValueError, "MambaConfig.dt_min"),
+    (dict(dt_init_floor=-1.0), ValueError, "MambaConfig.dt_init_floor"),
+    (dict(dt_limit=(0.1, 0.01)), ValueError, "MambaConfig.dt_limit"),
+    (dict(A_init_range=(0.0, 16.0)), ValueError, "MambaConfig.A_init_range"),
+    (dict(dt_limit=(0.0, "inf")), TypeError, "MambaConfig.dt_limit"),
+    (dict(A_init_range=(1.0, 2.0, 3.0)), TypeError, "MambaConfig.A_init_range"),
 ])
 def test_config_validation(overrides, error, message):
   with pytest.raises(error, match=message):
-    dataclasses.replace(CFG, **overrides)
+    with_mamba(CFG, **overrides)
 
 
 def test_config_divisibility_only_binds_with_mamba_layers():
-  dataclasses.replace(CFG, pattern="*-", mamba_headdim=24, mamba_ngroups=3)
+  with_mamba(CFG, pattern="*-", headdim=24, ngroups=3)

@@ -10,28 +10,25 @@ import optax
 import pytest
 from flax import nnx
 
+from lcjax.models.attention import AttentionConfig
 from lcjax.models.config import ModelConfig
 from lcjax.models.lm import LM
+from lcjax.models.mamba import MambaConfig
+from lcjax.models.mlp import MLPConfig
 from lcjax.parallel import sharding
 from lcjax.parallel.layout import permute_batch
 from lcjax.parallel.mesh import MeshConfig, make_mesh
 from lcjax.parallel.sequence import SequenceConfig, SequenceSharding
-from tests.parallel.test_ring_attention import random_segments
+from tests.numerics import positions_of, random_segments
 from tests.train.runs import bindings, train_in_process, train_losses
 
-CFG = ModelConfig(vocab_size=64, d_model=32, pattern="M*-M*-", num_heads=4, num_kv_heads=2,
-                  head_dim=8, mlp_dim=64, mamba_d_state=8, mamba_headdim=16, mamba_ngroups=2,
-                  mamba_chunk_size=8, init_std=0.1, dtype="float32", attention_block_q=8,
-                  attention_block_kv=8)
+CFG = ModelConfig(vocab_size=64, d_model=32, pattern="M*-M*-",
+                  attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8, block_q=8,
+                                            block_kv=8),
+                  mlp=MLPConfig(hidden_dim=64),
+                  mamba=MambaConfig(d_state=8, headdim=16, ngroups=2, chunk_size=8),
+                  init_std=0.1, dtype="float32")
 SEQ = 64
-
-
-def positions_of(segment_ids):
-  pos = np.zeros_like(segment_ids)
-  for t in range(1, segment_ids.shape[1]):
-    same = segment_ids[:, t] == segment_ids[:, t - 1]
-    pos[:, t] = np.where(same, pos[:, t - 1] + 1, 0)
-  return pos
 
 
 def loss_and_grads(graphdef, params, batch):
@@ -50,9 +47,10 @@ def loss_and_grads(graphdef, params, batch):
     (dict(tensor=2, sequence=4), "contiguous", "ring"),
 ])
 def test_sequence_sharded_hybrid_matches_one_device(rng, mesh_axes, layout, attention):
-  cfg = dataclasses.replace(CFG, attention_window=20, attention_sinks=2) if (
-      layout == "striped") else CFG
-  segment_ids = random_segments(rng, 2, SEQ, shard_len=SEQ // 8)
+  cfg = dataclasses.replace(CFG, attention=dataclasses.replace(
+      CFG.attention, window=20, sinks=2)) if layout == "striped" else CFG
+  shard_edges = np.arange(SEQ // 8, SEQ, SEQ // 8)
+  segment_ids = random_segments(rng, 2, SEQ, max_docs=4, edges=shard_edges)
   batch = {"inputs": rng.integers(0, cfg.vocab_size, (2, SEQ)).astype(np.int32),
            "targets": rng.integers(0, cfg.vocab_size, (2, SEQ)).astype(np.int32),
            "segment_ids": segment_ids, "positions": positions_of(segment_ids)}
@@ -82,6 +80,18 @@ def test_no_sequence_axis_means_no_sequence_sharding():
   assert SequenceSharding.create(mesh, sharding.DEFAULT_RULES, SequenceConfig()) is None
 
 
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_whole_row_attention_impl_fails_at_build(impl):
+  mesh = make_mesh(MeshConfig(data=1, sequence=8))
+  seq = SequenceSharding.create(mesh, sharding.DEFAULT_RULES, SequenceConfig())
+  cfg = dataclasses.replace(CFG, attention=dataclasses.replace(CFG.attention, impl=impl))
+  with pytest.raises(ValueError, match=f"AttentionConfig.impl='{impl}'.*'blockwise', 'pallas'"):
+    nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(0), sequence=seq))
+  for ok in ("auto", "blockwise", "pallas"):  # "auto" is blockwise there
+    cfg = dataclasses.replace(CFG, attention=dataclasses.replace(CFG.attention, impl=ok))
+    nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(0), sequence=seq))
+
+
 def test_bad_sequence_config_names_the_fix():
   with pytest.raises(ValueError, match="layout='diagonal'"):
     SequenceConfig(layout="diagonal")
@@ -89,9 +99,9 @@ def test_bad_sequence_config_names_the_fix():
     SequenceConfig(attention="flash")
 
 
-HYBRID = ["ModelConfig.pattern = 'M*-'", "ModelConfig.mamba_d_state = 8",
-          "ModelConfig.mamba_headdim = 16", "ModelConfig.mamba_chunk_size = 16",
-          "ModelConfig.attention_block_q = 16", "ModelConfig.attention_block_kv = 16"]
+HYBRID = ["ModelConfig.pattern = 'M*-'", "MambaConfig.d_state = 8",
+          "MambaConfig.headdim = 16", "MambaConfig.chunk_size = 16",
+          "AttentionConfig.block_q = 16", "AttentionConfig.block_kv = 16"]
 
 
 @pytest.mark.slow

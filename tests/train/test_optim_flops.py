@@ -5,7 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lcjax.models.attention import AttentionConfig
 from lcjax.models.config import ModelConfig
+from lcjax.models.mamba import MambaConfig
+from lcjax.models.mlp import MLPConfig
 from lcjax.train import flops, optim
 from lcjax.train.state import model_skeleton
 
@@ -54,17 +57,18 @@ def _xla_forward_flops(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def test_mlp_flops_match_xla():
-  cfg = ModelConfig(pattern="----", d_model=64, mlp_dim=256)
+  cfg = ModelConfig(pattern="----", d_model=64, mlp=MLPConfig(hidden_dim=256))
   ours = flops.forward_flops_per_token(cfg, 64)
   np.testing.assert_allclose(_xla_forward_flops(cfg, 64), ours, rtol=0.05)
 
 
 def test_attention_flops_match_xla_up_to_the_causal_half():
   """XLA computes every score of the [seq, seq] matrix; we count the causal half it needs."""
-  cfg = ModelConfig(pattern="**", d_model=64, num_heads=4, num_kv_heads=2, head_dim=16)
+  att = AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16)
+  cfg = ModelConfig(pattern="**", d_model=64, attention=att)
   seq = 256
   ours = flops.forward_flops_per_token(cfg, seq)
-  masked_half = 2 * 2 * cfg.num_heads * cfg.head_dim * (seq - (seq + 1) / 2) * 2  # 2 layers
+  masked_half = 2 * 2 * att.num_heads * att.head_dim * (seq - (seq + 1) / 2) * 2  # 2 layers
   np.testing.assert_allclose(_xla_forward_flops(cfg, seq), ours + masked_half, rtol=0.08)
 
 
@@ -74,10 +78,28 @@ def test_mamba2_flops_match_xla_up_to_the_causal_half():
   XLA also counts elementwise work (decay cumsums, exp, norms) that MFU leaves out, so the
   dims are large enough for the matmuls to dominate.
   """
-  cfg = ModelConfig(pattern="MM", d_model=256, mamba_d_state=64, mamba_headdim=64,
-                    mamba_chunk_size=64, mamba_ngroups=1)
+  mamba = MambaConfig(d_state=64, headdim=64, chunk_size=64, ngroups=1)
+  cfg = ModelConfig(pattern="MM", d_model=256, mamba=mamba)
   seq = 256
   ours = flops.forward_flops_per_token(cfg, seq)
   q, d_inner = 64, 2 * 256
-  masked_half = 2 * (cfg.mamba_ngroups * cfg.mamba_d_state + d_inner) * (q - (q + 1) / 2) * 2
+  masked_half = 2 * (mamba.ngroups * mamba.d_state + d_inner) * (q - (q + 1) / 2) * 2
   np.testing.assert_allclose(_xla_forward_flops(cfg, seq), ours + masked_half, rtol=0.1)
+
+
+def test_forward_flops_sum_the_registry_by_hand():
+  """A small hybrid counted by hand: each mixer's matmuls and the LM head."""
+  cfg = ModelConfig(vocab_size=100, d_model=16, pattern="M*-",
+                    attention=AttentionConfig(num_heads=2, num_kv_heads=1, head_dim=8),
+                    mlp=MLPConfig(hidden_dim=48),
+                    mamba=MambaConfig(d_state=4, headdim=8, chunk_size=8, ngroups=1))
+  seq = 16
+  attention = 2 * (2 * 16 * 2 * 8 + 2 * 16 * 1 * 8) + 2 * 2 * 2 * 8 * (seq + 1) / 2
+  mlp = 2 * 3 * 16 * 48
+  inner, heads, mean_keys = 32, 4, (8 + 1) / 2  # expand 2, 4 heads of 8, chunks of 8
+  mamba = (2 * 16 * (2 * inner + 2 * 4 + heads) + 2 * inner * 16  # projections
+           + 2 * (inner + 2 * 4) * 4  # conv (width 4)
+           + 2 * 4 * mean_keys + 2 * inner * mean_keys + 2 * 2 * inner * 4)  # SSD
+  want = attention + mlp + mamba + 2 * 16 * 100
+  np.testing.assert_allclose(flops.forward_flops_per_token(cfg, seq), want, rtol=1e-12)
+  np.testing.assert_allclose(flops.train_flops_per_token(cfg, seq), 3 * want, rtol=1e-12)
