@@ -6,6 +6,7 @@ fails before anything compiles, naming the binding to fix.
 """
 
 import dataclasses
+import importlib.util
 import logging
 import os
 import types
@@ -13,20 +14,23 @@ import typing
 
 import gin
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+def configs_dir() -> str:
+  """The gin configs shipped with lcjax: the package data `lcjax.configs` of an installed copy,
+  or the repository's configs/ in a source checkout (where pyproject maps it to that package)."""
+  spec = importlib.util.find_spec("lcjax.configs")  # a namespace package: data, no code
+  if spec is not None and spec.submodule_search_locations:
+    return list(spec.submodule_search_locations)[0]
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def parse_gin(files: list[str], bindings: list[str]) -> None:
   """Loads gin files then bindings (later ones override earlier ones).
 
-  `include` lines resolve against each file's directory and the repository's configs/.
+  `include` lines resolve against each file's directory and lcjax's shipped configs. gin knows
+  a configurable only once its module is imported: callers (the CLIs) import those first.
   """
-  # gin knows a configurable only once its module is imported; these import all of lcjax's.
-  import lcjax.models.allocation  # noqa: F401
-  import lcjax.train.distributed  # noqa: F401
-  import lcjax.train.loop  # noqa: F401
-
-  for path in [*(os.path.dirname(os.path.abspath(f)) for f in files), CONFIGS_DIR]:
+  for path in [*(os.path.dirname(os.path.abspath(f)) for f in files), configs_dir()]:
     gin.add_config_file_search_path(path)
   # gin logs "Path not found" for every search path it tries before the one that matches.
   logging.disable(logging.ERROR)
@@ -36,7 +40,8 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
     raise ValueError(
         f"Bad gin configuration: {e}\n(files: {files}, bindings: {bindings}). Check the "
         "spelling of the configurable and parameter against the dataclasses in lcjax "
-        "(e.g. ModelConfig, DataConfig, TrainConfig, OptimConfig, MeshConfig).") from e
+        "(e.g. ModelConfig, DataConfig, TrainConfig, OptimConfig, MeshConfig), and that the "
+        "module defining it was imported before parsing.") from e
   finally:
     logging.disable(logging.NOTSET)
 
