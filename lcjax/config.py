@@ -1,4 +1,5 @@
-"""gin parsing for the CLIs, and type checks for the gin-configured dataclasses.
+"""gin parsing for the CLIs (with lcjax's shipped configs on the include path), and type
+checks for the gin-configured dataclasses. Imports nothing of lcjax: every layer may use it.
 
 gin already rejects unknown configurables and parameters at parse time; it does not check
 value types, so every config dataclass calls `check_types` in `__post_init__`: a wrong type
@@ -16,8 +17,9 @@ import gin
 
 
 def configs_dir() -> str:
-  """The gin configs shipped with lcjax: the package data `lcjax.configs` of an installed copy,
-  or the repository's configs/ in a source checkout (where pyproject maps it to that package)."""
+  """The gin configs shipped with lcjax: an installed copy's package data `lcjax.configs`, else
+  (a source checkout or an editable install, whose finder does not resolve that data-only
+  package) the repository's configs/ beside the package."""
   spec = importlib.util.find_spec("lcjax.configs")  # a namespace package: data, no code
   if spec is not None and spec.submodule_search_locations:
     return list(spec.submodule_search_locations)[0]
@@ -78,3 +80,11 @@ def check_types(config) -> None:
       raise TypeError(
           f"{name} = {value!r} has type {type(value).__name__}, expected "
           f"{hints[field.name]}. Fix the gin binding '{name}'.")
+
+
+def check_positive(config, names: tuple[str, ...]) -> None:
+  """Raises ValueError naming `Class.field` for the first of `names` whose value is < 1."""
+  for name in names:
+    if getattr(config, name) < 1:
+      raise ValueError(
+          f"{type(config).__name__}.{name} must be >= 1, got {getattr(config, name)}.")

@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lcjax.config import check_types
+from lcjax.config import check_positive, check_types
 from lcjax.data.pipeline import DataConfig, make_eval_batches, vocabulary
 from lcjax.models.config import ModelConfig
 from lcjax.models.loss import token_losses
@@ -43,10 +43,8 @@ class TrainConfig:
 
   def __post_init__(self):
     check_types(self)
-    for name in ("steps", "batch_size", "grad_accum_steps", "log_every", "eval_every",
-                 "checkpoint_every", "keep_checkpoints"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
+    check_positive(self, ("steps", "batch_size", "grad_accum_steps", "log_every", "eval_every",
+                          "checkpoint_every", "keep_checkpoints"))
     if self.batch_size % self.grad_accum_steps:
       raise ValueError(
           f"TrainConfig.batch_size={self.batch_size} is not divisible by grad_accum_steps="

@@ -1,4 +1,5 @@
-"""lcjax-train / python -m lcjax.train --gin_file=F [--gin_file=F2] [--gin_bindings=...] --workdir=DIR"""
+"""lcjax-train / python -m lcjax.train --gin_file=F [--gin_file=F2] [--gin_bindings=...]
+    --workdir=DIR"""
 
 import json
 import sys
