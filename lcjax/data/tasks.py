@@ -168,9 +168,12 @@ def check_mqar_fits(cfg, mqar_cfg) -> None:
 def register_task(name: str, source: seqio.DataSource, preprocessors: list, output_features,
                   *, answers: bool) -> None:
   """(Re)registers a seqio Task and declares its kind: `answers` = prompt -> answer (the loss
-  weights mark the answer; eval reports exact match), else plain LM."""
+  weights mark the answer; eval reports exact match), else plain LM.
+
+  The source shuffles itself (lcjax's shuffle by index, see index_stream): seqio adds no
+  shuffle buffer.
+  """
   seqio.TaskRegistry.remove(name)
-  # Sources shuffle by index (no shuffle buffer needed, see index_stream).
   seqio.TaskRegistry.add(name, source=source, preprocessors=preprocessors,
                          output_features=output_features, shuffle_buffer_size=None)
   if answers:
@@ -210,7 +213,7 @@ def register_tasks(cfg) -> None:
 
   features = output_features(cfg)
   seqio.MixtureRegistry.remove(DEMO)
-  register_task(SHAKESPEARE, shakespeare_source(cfg), [], features, answers=False)  # tokenized
+  register_task(SHAKESPEARE, shakespeare_source(cfg), [], features, answers=False)  # the source tokenizes
   register_task(PASSKEY, gather_source(passkey_split), tokenize(eos_loss=True), features,
                 answers=True)
   register_task(MQAR, gather_source(mqar_split), tokenize(eos_loss=False), features,
