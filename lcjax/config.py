@@ -1,4 +1,5 @@
-"""gin parsing for the CLIs, and type checks for the gin-configured dataclasses.
+"""gin parsing for the CLIs (with lcjax's shipped configs on the include path), and type
+checks for the gin-configured dataclasses. Imports nothing of lcjax: every layer may use it.
 
 gin already rejects unknown configurables and parameters at parse time; it does not check
 value types, so every config dataclass calls `check_types` in `__post_init__`: a wrong type
@@ -6,6 +7,7 @@ fails before anything compiles, naming the binding to fix.
 """
 
 import dataclasses
+import importlib.util
 import logging
 import os
 import types
@@ -13,20 +15,24 @@ import typing
 
 import gin
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+def configs_dir() -> str:
+  """The gin configs shipped with lcjax: an installed copy's package data `lcjax.configs`, else
+  (a source checkout or an editable install, whose finder does not resolve that data-only
+  package) the repository's configs/ beside the package."""
+  spec = importlib.util.find_spec("lcjax.configs")  # a namespace package: data, no code
+  if spec is not None and spec.submodule_search_locations:
+    return list(spec.submodule_search_locations)[0]
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def parse_gin(files: list[str], bindings: list[str]) -> None:
   """Loads gin files then bindings (later ones override earlier ones).
 
-  `include` lines resolve against each file's directory and the repository's configs/.
+  `include` lines resolve against each file's directory and lcjax's shipped configs. gin knows
+  a configurable only once its module is imported: callers (the CLIs) import those first.
   """
-  # gin knows a configurable only once its module is imported; these import all of lcjax's.
-  import lcjax.models.allocation  # noqa: F401
-  import lcjax.train.distributed  # noqa: F401
-  import lcjax.train.loop  # noqa: F401
-
-  for path in [*(os.path.dirname(os.path.abspath(f)) for f in files), CONFIGS_DIR]:
+  for path in [*(os.path.dirname(os.path.abspath(f)) for f in files), configs_dir()]:
     gin.add_config_file_search_path(path)
   # gin logs "Path not found" for every search path it tries before the one that matches.
   logging.disable(logging.ERROR)
@@ -36,7 +42,8 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
     raise ValueError(
         f"Bad gin configuration: {e}\n(files: {files}, bindings: {bindings}). Check the "
         "spelling of the configurable and parameter against the dataclasses in lcjax "
-        "(e.g. ModelConfig, DataConfig, TrainConfig, OptimConfig, MeshConfig).") from e
+        "(e.g. ModelConfig, DataConfig, TrainConfig, OptimConfig, MeshConfig), and that the "
+        "module defining it was imported before parsing.") from e
   finally:
     logging.disable(logging.NOTSET)
 
@@ -73,3 +80,11 @@ def check_types(config) -> None:
       raise TypeError(
           f"{name} = {value!r} has type {type(value).__name__}, expected "
           f"{hints[field.name]}. Fix the gin binding '{name}'.")
+
+
+def check_positive(config, names: tuple[str, ...]) -> None:
+  """Raises ValueError naming `Class.field` for the first of `names` whose value is < 1."""
+  for name in names:
+    if getattr(config, name) < 1:
+      raise ValueError(
+          f"{type(config).__name__}.{name} must be >= 1, got {getattr(config, name)}.")

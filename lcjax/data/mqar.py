@@ -86,8 +86,10 @@ def generate(cfg: MqarConfig, split: str):
   # Queries: the first num_queries of a random permutation of the pairs.
   queries = np.argsort(rng.random((n, cfg.num_pairs)), axis=1)[:, : cfg.num_queries]
   examples = [
-      make_segments([KEY_TEXT[c] for c in row_codes], [VALUE_TEXT[v] for v in row_values], row_queries)
-      for row_codes, row_values, row_queries in zip(codes.tolist(), values.tolist(), queries.tolist())
+      make_segments([KEY_TEXT[c] for c in row_codes], [VALUE_TEXT[v] for v in row_values],
+                    row_queries)
+      for row_codes, row_values, row_queries in zip(
+          codes.tolist(), values.tolist(), queries.tolist())
   ]
   segments = np.array([[t for t, _ in ex] for ex in examples], dtype=object)
   loss = np.array([[w for _, w in ex] for ex in examples], dtype=np.int32)

@@ -1,9 +1,9 @@
 """seqio Task and Mixture registration for lcjax.
 
 Tasks (all decoder-only, features described in preprocessors.py):
-  lcjax_shakespeare  plays cut into sequence_length-token windows, loss everywhere
-  lcjax_passkey      passkey retrieval, loss on the answer (passkey.py)
-  lcjax_mqar         multi-query associative recall, loss on values (mqar.py)
+  lcjax_shakespeare  plays cut into sequence_length-token windows, loss everywhere (plain LM)
+  lcjax_passkey      passkey retrieval, loss on the answer (passkey.py; prompt -> answer)
+  lcjax_mqar         multi-query associative recall, loss on values (mqar.py; prompt -> answer)
 Mixture:
   lcjax_demo         all three, rates from MixtureRates
 
@@ -25,6 +25,10 @@ from lcjax.data import mqar, passkey, preprocessors, shakespeare, vocab
 SHAKESPEARE, PASSKEY, MQAR, DEMO = "lcjax_shakespeare", "lcjax_passkey", "lcjax_mqar", "lcjax_demo"
 TASKS = (SHAKESPEARE, PASSKEY, MQAR)
 SPLITS = ("train", "validation")
+
+# Tasks registered as prompt -> answer (`register_task(..., answers=True)`): eval reports exact
+# match (every answer token of a document right) for them; every other task is plain LM.
+_ANSWER_TASKS: set[str] = set()
 
 
 @gin.configurable
@@ -161,6 +165,28 @@ def check_mqar_fits(cfg, mqar_cfg) -> None:
     )
 
 
+def register_task(name: str, source: seqio.DataSource, preprocessors: list, output_features,
+                  *, answers: bool) -> None:
+  """(Re)registers a seqio Task and declares its kind: `answers` = prompt -> answer (the loss
+  weights mark the answer; eval reports exact match), else plain LM.
+
+  The source shuffles itself (lcjax's shuffle by index, see index_stream): seqio adds no
+  shuffle buffer.
+  """
+  seqio.TaskRegistry.remove(name)
+  seqio.TaskRegistry.add(name, source=source, preprocessors=preprocessors,
+                         output_features=output_features, shuffle_buffer_size=None)
+  if answers:
+    _ANSWER_TASKS.add(name)
+  else:
+    _ANSWER_TASKS.discard(name)
+
+
+def has_answers(name: str) -> bool:
+  """Whether task `name` was registered as prompt -> answer (False for unknown tasks)."""
+  return name in _ANSWER_TASKS
+
+
 def register_tasks(cfg) -> None:
   """(Re)registers all lcjax tasks and the mixture for DataConfig `cfg`.
 
@@ -185,21 +211,13 @@ def register_tasks(cfg) -> None:
         preprocessors.check_fits,
     ]
 
-  sources_and_steps = {
-      SHAKESPEARE: (shakespeare_source(cfg), []),  # the source tokenizes
-      PASSKEY: (gather_source(passkey_split), tokenize(eos_loss=True)),
-      MQAR: (gather_source(mqar_split), tokenize(eos_loss=False)),
-  }
   features = output_features(cfg)
-  for name in (*TASKS, DEMO):
-    seqio.MixtureRegistry.remove(name)
-    seqio.TaskRegistry.remove(name)
-  for name, (source, steps) in sources_and_steps.items():
-    # Sources shuffle by index (no shuffle buffer needed, see index_stream).
-    seqio.TaskRegistry.add(
-        name, source=source, preprocessors=steps, output_features=features,
-        shuffle_buffer_size=None,
-    )
+  seqio.MixtureRegistry.remove(DEMO)
+  register_task(SHAKESPEARE, shakespeare_source(cfg), [], features, answers=False)  # the source tokenizes
+  register_task(PASSKEY, gather_source(passkey_split), tokenize(eos_loss=True), features,
+                answers=True)
+  register_task(MQAR, gather_source(mqar_split), tokenize(eos_loss=False), features,
+                answers=True)
   seqio.MixtureRegistry.add(
       DEMO,
       [(SHAKESPEARE, rates.shakespeare), (PASSKEY, rates.passkey), (MQAR, rates.mqar)],

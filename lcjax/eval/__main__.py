@@ -20,12 +20,11 @@ def evaluate_checkpoint(workdir: str, step: int | None = None) -> dict:
   import jax
 
   from lcjax.eval.evaluate import evaluate
-  from lcjax.train import state as train_state
-  from lcjax.train.checkpoint import Checkpointer, abstract_with_shardings
-  from lcjax.train.loop import Run, build, load_eval_batches
+  from lcjax.run import Run, build, load_eval_batches
+  from lcjax.train.checkpoint import Checkpointer
 
   run = Run.from_gin()
-  b = build(run)
+  setup = build(run)
   ckpt = Checkpointer(workdir, every=1, keep=run.train.keep_checkpoints)
   step = ckpt.latest_step() if step is None else step
   if step is None or step not in ckpt.all_steps():
@@ -33,10 +32,9 @@ def evaluate_checkpoint(workdir: str, step: int | None = None) -> dict:
         f"No checkpoint {'at step ' + str(step) if step is not None else ''} in "
         f"{ckpt.directory} (available: {ckpt.all_steps()}). Train first with "
         f"`python -m lcjax.train ... --workdir={workdir}`.")
-  abstract = train_state.abstract_state(b["abstract_params"], b["optimizer"])
-  state, _ = ckpt.restore(step, abstract_with_shardings(abstract, b["shardings"]))
+  state, _ = ckpt.restore(step, setup.abstract_state())
   ckpt.close()
-  metrics = evaluate(b["eval_step"], state["params"], load_eval_batches(run))
+  metrics = evaluate(setup.eval_step, state["params"], load_eval_batches(run))
   results = {"step": step, "checkpoint": os.path.join(ckpt.directory, str(step)), **metrics}
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
@@ -47,6 +45,10 @@ def evaluate_checkpoint(workdir: str, step: int | None = None) -> dict:
 
 def main(argv):
   del argv
+  # gin knows a configurable only once its module is imported: these import every one a run's
+  # gin files may bind (lcjax.run imports the model, data, mesh and optimizer configs).
+  import lcjax.models.allocation  # noqa: F401  (hybrid_pattern)
+  import lcjax.run  # noqa: F401
   from lcjax.config import parse_gin
   from lcjax.train.distributed import maybe_initialize
 

@@ -1,18 +1,11 @@
-"""Held-out metrics: loss, perplexity, token accuracy and exact match of the answer tokens."""
+"""Held-out metrics: loss, perplexity, token accuracy and, for prompt -> answer tasks, exact
+match of the answer tokens."""
 
 import math
 
 import numpy as np
 
-from lcjax.train.step import token_losses
-
-
-def make_eval_step(graphdef):
-  """eval_step(params, batch) -> (per-token loss [batch, seq] f32, correct [batch, seq] bool)."""
-  def eval_step(params, batch):
-    losses, predictions = token_losses(graphdef, params, batch)
-    return losses, predictions == batch["targets"]
-  return eval_step
+from lcjax.data.tasks import has_answers
 
 
 def exact_matches(correct: np.ndarray, batch: dict) -> tuple[int, int]:
@@ -32,20 +25,19 @@ def exact_matches(correct: np.ndarray, batch: dict) -> tuple[int, int]:
 
 
 def evaluate(eval_step, params, batches_by_task: dict) -> dict[str, float]:
-  """Runs `eval_step(params, host batch) -> host (losses, correct)` (the loop's `build` makes
-  one) over each task's batches; keys are `eval/<task>/<metric>`."""
+  """Runs `eval_step(params, host batch) -> host (losses, correct)` (`lcjax.run.build` makes
+  one) over each task's batches; keys are `eval/<task>/<metric>`. Exact match is reported for
+  the tasks registered as prompt -> answer (`lcjax.data.tasks.has_answers`)."""
   results = {}
   for task, batches in batches_by_task.items():
     loss_sum = weight_sum = correct_sum = 0.0
     hits = docs = 0
-    answers_only = False  # exact match means something only for prompt -> answer tasks
     for batch in batches:
       losses, correct = eval_step(params, batch)
       w = batch["loss_weights"].astype(np.float64)
       loss_sum += float((losses * w).sum())
       correct_sum += float((correct * w).sum())
       weight_sum += float(w.sum())
-      answers_only |= bool(((batch["segment_ids"] > 0) & (w == 0)).any())
       h, d = exact_matches(np.asarray(correct), batch)
       hits, docs = hits + h, docs + d
     if weight_sum == 0:
@@ -54,6 +46,6 @@ def evaluate(eval_step, params, batches_by_task: dict) -> dict[str, float]:
     results[f"eval/{task}/loss"] = loss
     results[f"eval/{task}/ppl"] = math.exp(min(loss, 50.0))
     results[f"eval/{task}/token_accuracy"] = correct_sum / weight_sum
-    if answers_only:
+    if has_answers(task):
       results[f"eval/{task}/exact_match"] = hits / max(docs, 1)
   return results

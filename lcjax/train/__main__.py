@@ -1,4 +1,5 @@
-"""lcjax-train / python -m lcjax.train --gin_file=F [--gin_file=F2] [--gin_bindings=...] --workdir=DIR"""
+"""lcjax-train / python -m lcjax.train --gin_file=F [--gin_file=F2] [--gin_bindings=...]
+    --workdir=DIR"""
 
 import json
 import sys
@@ -14,6 +15,10 @@ flags.mark_flag_as_required("workdir")
 
 def main(argv):
   del argv
+  # gin knows a configurable only once its module is imported: these import every one a run's
+  # gin files may bind (lcjax.run imports the model, data, mesh and optimizer configs).
+  import lcjax.models.allocation  # noqa: F401  (hybrid_pattern)
+  import lcjax.run  # noqa: F401
   from lcjax.config import parse_gin
   from lcjax.train.distributed import maybe_initialize
   from lcjax.train.loop import NonFiniteLossError, train

@@ -94,8 +94,3 @@ def _gather_bytes(value: bytes) -> list[bytes]:
   gathered = multihost_utils.process_allgather(padded)
   return [bytes(row[:int(n)]) for row, n in zip(gathered, lengths.reshape(-1))]
 
-
-def abstract_with_shardings(tree, shardings):
-  """ShapeDtypeStructs carrying target shardings, for restoring straight onto the mesh."""
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

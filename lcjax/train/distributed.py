@@ -5,6 +5,8 @@ import dataclasses
 import gin
 import jax
 
+from lcjax.config import check_types
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
@@ -15,6 +17,9 @@ class DistributedConfig:
   num_processes: int | None = None
   process_id: int | None = None
   local_device_ids: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    check_types(self)  # a wrong-typed gin binding fails here, naming it
 
 
 def maybe_initialize(cfg: DistributedConfig | None = None) -> None:

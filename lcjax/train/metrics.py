@@ -1,8 +1,10 @@
 """Where metrics go: one JSON object per line in DIR/metrics.jsonl and TensorBoard under DIR/tb."""
 
+import contextlib
 import json
 import math
 import os
+import time
 
 import tensorboardX
 
@@ -38,3 +40,38 @@ def read_metrics(workdir: str) -> list[dict]:
   """The metrics log as a list of dicts (later lines for the same step win in `by_step`)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+class Throughput:
+  """Training throughput since the last `report`: tokens/s, seconds per step and MFU.
+
+  Counts the steps taken (`step`) and the time they took; time spent inside `excluded()`
+  (evaluation) is not training time.
+  """
+
+  def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None,
+               clock=time.perf_counter):
+    self.tokens_per_step, self.flops_per_token, self.peak_flops = (
+        tokens_per_step, flops_per_token, peak_flops)  # peak: all devices together
+    self._clock = clock
+    self._start, self._steps, self._excluded = clock(), 0, 0.0
+
+  def step(self) -> None:
+    self._steps += 1
+
+  @contextlib.contextmanager
+  def excluded(self):
+    began = self._clock()
+    try:
+      yield
+    finally:
+      self._excluded += self._clock() - began
+
+  def report(self) -> dict:
+    elapsed = self._clock() - self._start - self._excluded
+    tokens_per_sec = self._steps * self.tokens_per_step / elapsed
+    result = dict(
+        tokens_per_sec=tokens_per_sec, step_time=elapsed / self._steps,
+        mfu=self.flops_per_token * tokens_per_sec / self.peak_flops if self.peak_flops else None)
+    self._start, self._steps, self._excluded = self._clock(), 0, 0.0
+    return result

@@ -7,6 +7,8 @@ import jax
 import optax
 from flax import nnx
 
+from lcjax.config import check_types
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +22,9 @@ class OptimConfig:
   weight_decay: float = 0.1
   clip_norm: float = 1.0
   decay_embeddings: bool = False  # the input embedding table; the untied LM head always decays
+
+  def __post_init__(self):
+    check_types(self)  # a wrong-typed gin binding fails here, naming it
 
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

@@ -59,3 +59,9 @@ def init_state(cfg: ModelConfig, seed: int, optimizer, shardings):
             "opt_state": optimizer.init(params)}
 
   return jax.jit(init, out_shardings=shardings)()
+
+
+def abstract_with_shardings(tree, shardings):
+  """ShapeDtypeStructs carrying target shardings, for restoring straight onto the mesh."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -8,6 +8,11 @@ import time
 
 import gin
 
+# What the CLIs import before parsing gin: every configurable a run's gin files may bind.
+import lcjax.models.allocation  # noqa: F401
+import lcjax.run  # noqa: F401
+import lcjax.train.distributed  # noqa: F401
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_GIN = os.path.join(REPO, "configs", "demo.gin")
 

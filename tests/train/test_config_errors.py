@@ -5,7 +5,7 @@ import pytest
 
 from lcjax.config import parse_gin
 from lcjax.parallel.mesh import MeshConfig, make_mesh
-from lcjax.train.loop import Run, TrainConfig, build
+from lcjax.run import Run, TrainConfig, build
 from tests.train.runs import DEMO_GIN, TINY
 
 
