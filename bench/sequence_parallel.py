@@ -54,7 +54,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from lcjax.config import parse_gin  # noqa: E402
 from lcjax.models.report import counted_params  # noqa: E402
 from lcjax.parallel import mesh as mesh_lib  # noqa: E402
-from lcjax.train import loop  # noqa: E402
+from lcjax import run as run_lib  # noqa: E402
 from lcjax.train import state as train_state  # noqa: E402
 from lcjax.train.step import make_train_step  # noqa: E402
 
@@ -82,7 +82,7 @@ class Step:
 BLOCK = 512  # attention tile (AttentionConfig.block_q / _kv) of every run here
 
 
-def compile_step(base: loop.Run, seq_len: int, shards: int, attention: str,
+def compile_step(base: run_lib.Run, seq_len: int, shards: int, attention: str,
                  layout: str) -> Step:
   """Lowers and compiles the loop's train step for one row of `seq_len` tokens split over the
   first `shards` devices (mesh data=1, sequence=shards)."""
@@ -97,15 +97,15 @@ def compile_step(base: loop.Run, seq_len: int, shards: int, attention: str,
   gin.bind_parameter("SequenceConfig.attention", attention)
   gin.bind_parameter("SequenceConfig.layout", layout)
   devices = jax.devices()[:shards]
-  with mock.patch.object(loop, "make_mesh", lambda cfg: mesh_lib.make_mesh(cfg, devices)):
-    b = loop.build(run)
-  # As `loop.train` jits it.
+  with mock.patch.object(run_lib, "make_mesh", lambda cfg: mesh_lib.make_mesh(cfg, devices)):
+    b = run_lib.build(run)
+  # As the train loop jits it.
   step_fn = jax.jit(
-      make_train_step(b["graphdef"], b["optimizer"], b["schedule"], 1),
-      in_shardings=(b["shardings"], b["batch_sharding"]),
-      out_shardings=(b["shardings"], NamedSharding(b["mesh"], PartitionSpec())),
+      make_train_step(b.graphdef, b.optimizer, b.schedule, 1),
+      in_shardings=(b.shardings, b.batch_sharding),
+      out_shardings=(b.shardings, NamedSharding(b.mesh, PartitionSpec())),
       donate_argnums=0)
-  abstract = train_state.abstract_state(b["abstract_params"], b["optimizer"])
+  abstract = train_state.abstract_state(b.abstract_params, b.optimizer)
   tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
   batch = {k: tokens for k in ("inputs", "targets", "segment_ids", "positions")}
   batch["loss_weights"] = jax.ShapeDtypeStruct((1, seq_len), jnp.float32)
@@ -315,7 +315,7 @@ def main():
   skip = set(filter(None, args.skip.split(",")))
   parse_gin(args.gin_file or ["configs/demo.gin", "configs/models/hybrid_tiny.gin"],
             args.gin_bindings)
-  base = loop.Run.from_gin()
+  base = run_lib.Run.from_gin()
   m, att, mamba = base.model, base.model.attention, base.model.mamba
   print(f"model: pattern={m.pattern} d_model={m.d_model} attention heads={att.num_heads}/"
         f"{att.num_kv_heads}x{att.head_dim} mamba d_state={mamba.d_state} "

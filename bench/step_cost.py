@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from lcjax.config import parse_gin  # noqa: E402
 from lcjax.train import flops  # noqa: E402
 from lcjax.train import state as train_state  # noqa: E402
-from lcjax.train.loop import Run, build  # noqa: E402
+from lcjax.run import Run, build  # noqa: E402
 from lcjax.train.step import make_train_step  # noqa: E402
 
 
@@ -40,9 +40,9 @@ def measure(run: Run, seq_len: int, batch: int, time_it: bool, steps: int) -> di
       data=dataclasses.replace(run.data, sequence_length=seq_len),
       train=dataclasses.replace(run.train, batch_size=batch, grad_accum_steps=1))
   b = build(run)
-  step_fn = jax.jit(make_train_step(b["graphdef"], b["optimizer"], b["schedule"], 1),
-                    in_shardings=(b["shardings"], b["batch_sharding"]), donate_argnums=0)
-  abstract = train_state.abstract_state(b["abstract_params"], b["optimizer"])
+  step_fn = jax.jit(make_train_step(b.graphdef, b.optimizer, b.schedule, 1),
+                    in_shardings=(b.shardings, b.batch_sharding), donate_argnums=0)
+  abstract = train_state.abstract_state(b.abstract_params, b.optimizer)
   tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
   abstract_batch = {k: tokens for k in ("inputs", "targets", "segment_ids", "positions")}
   abstract_batch["loss_weights"] = jax.ShapeDtypeStruct((batch, seq_len), jnp.float32)
@@ -59,7 +59,7 @@ def measure(run: Run, seq_len: int, batch: int, time_it: bool, steps: int) -> di
       "step_s": None,
   }
   if time_it:
-    state = train_state.init_state(run.model, 0, b["optimizer"], b["shardings"])
+    state = train_state.init_state(run.model, 0, b.optimizer, b.shardings)
     rng = np.random.default_rng(0)
     data = {
         "inputs": rng.integers(3, 259, (batch, seq_len), dtype=np.int32),
@@ -68,7 +68,7 @@ def measure(run: Run, seq_len: int, batch: int, time_it: bool, steps: int) -> di
         "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
         "loss_weights": np.ones((batch, seq_len), np.float32),
     }
-    data = b["put_batch"](data, batch)
+    data = b.put_batch(data, batch)
     state, m = compiled(state, data)  # warm-up
     jax.block_until_ready(m)
     times = []

@@ -99,7 +99,7 @@ IMPLS = {
 # "auto" is "blockwise" on every backend: it never materialises a [seq, seq] array, and on CPU
 # it is 1.3-1.9x faster than the others from 1K tokens up (bench/README.md). The Pallas kernels
 # pass their interpret-mode tests and lower for Triton and Mosaic, but have no GPU/TPU table
-# yet: until one is taken they are opt-in (attention_impl="pallas").
+# yet: until one is taken they are opt-in (AttentionConfig.impl="pallas").
 ATTENTION = Dispatch("attention", IMPLS, auto="blockwise",
                      supports={"pallas": flash_attention.supports})
 

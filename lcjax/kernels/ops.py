@@ -33,8 +33,8 @@ class LocalOps:
   def attention(self, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
                 positions: jax.Array | None, *, mask: Mask, impl: str, block_q: int,
                 block_kv: int) -> jax.Array:
-    return attention(q, k, v, segment_ids, positions, window=mask.window, sinks=mask.sinks,
-                     impl=impl, block_q=block_q, block_kv=block_kv)
+    return attention(q, k, v, segment_ids, positions, mask=mask, impl=impl,
+                     block_q=block_q, block_kv=block_kv)
 
   def ssd(self, x, dt, A, B, C, segment_ids, *, chunk_size: int, impl: str) -> jax.Array:
     return ssd(x, dt, A, B, C, chunk_size=chunk_size, segment_ids=segment_ids, impl=impl)[0]

@@ -231,7 +231,7 @@ IMPLS = {
 
 # "auto" is "chunked" on every backend. The Pallas kernel passes its interpret-mode tests and
 # lowers for Triton and Mosaic, but has no device table yet (bench/README.md): until it is taken
-# the kernel is opt-in (ssd_impl="pallas"), not the default.
+# the kernel is opt-in (MambaConfig.impl="pallas"), not the default.
 SSD = Dispatch("ssd", IMPLS, auto="chunked", supports={"pallas": ssd_pallas_supports})
 
 

@@ -13,7 +13,7 @@ from lcjax.config import check_types
 from lcjax.kernels import attention as attention_kernels
 from lcjax.kernels.mask import Mask
 from lcjax.kernels.ops import LOCAL
-from lcjax.models.layers import ModelWide, check_impl, normal_param
+from lcjax.models.layers import ModelWide, normal_param
 from lcjax.models.rope import apply_rope
 
 POSITION_ENCODINGS = ("rope", "none")
@@ -70,7 +70,7 @@ class AttentionConfig:
       raise ValueError(f"AttentionConfig.sinks={self.sinks} needs >= 0 and a sliding window "
                        f"(without one every token is visible anyway): set "
                        f"AttentionConfig.window or AttentionConfig.sinks = 0.")
-    check_impl(self.impl, "AttentionConfig.impl", attention_kernels.IMPLS)
+    attention_kernels.ATTENTION.check_name(self.impl, "AttentionConfig.impl")
 
   @property
   def mask(self) -> Mask:
@@ -93,26 +93,6 @@ class KVCache(NamedTuple):
   k: jax.Array
   v: jax.Array
   index: jax.Array
-
-
-def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, length: jax.Array,
-                     window: int | None = None, sinks: int = 0) -> jax.Array:
-  """q `[batch, 1, heads, head_dim]` (at position length - 1) over the first `length` entries
-  of the cache's k, v `[batch, max_len, kv_heads, head_dim]`, with the training mask's window
-  and sinks; float32 scores and softmax, as the reference."""
-  batch, _, heads, head_dim = q.shape
-  kv_heads, max_len = k.shape[2], k.shape[1]
-  f32 = jnp.float32
-  qg = q.reshape(batch, 1, kv_heads, heads // kv_heads, head_dim).astype(f32)
-  scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(f32)) / jnp.sqrt(f32(head_dim))
-  slots = jnp.arange(max_len)
-  seen = slots < length
-  if window is not None:
-    seen &= (length - 1 - slots < window) | (slots < sinks)
-  scores = jnp.where(seen, scores, jnp.finfo(f32).min)
-  probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(f32))
-  return out.reshape(batch, 1, heads, head_dim).astype(q.dtype)
 
 
 def _check_room(index: jax.Array, max_len: int) -> None:
@@ -203,6 +183,6 @@ class Attention(nnx.Module):
     start = (0, cache.index, 0, 0)
     ks = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
     vs = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
-    out = cached_attention(q, ks.astype(q.dtype), vs.astype(q.dtype), cache.index + 1,
-                           self.mask.window, self.mask.sinks)
+    out = attention_kernels.decode_attention(q, ks.astype(q.dtype), vs.astype(q.dtype),
+                                             cache.index + 1, mask=self.mask)
     return self._out(out)[:, 0], KVCache(k=ks, v=vs, index=cache.index + 1)

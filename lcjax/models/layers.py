@@ -22,12 +22,6 @@ class ModelWide:
   norm_eps: float
 
 
-def check_impl(impl: str, field: str, impls) -> None:
-  """Fails naming the gin binding `field` unless impl is "auto" or a key of `impls`."""
-  if impl != "auto" and impl not in impls:
-    raise ValueError(f"{field}={impl!r} is not one of {('auto',) + tuple(sorted(impls))}.")
-
-
 def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float,
                  logical_axes: tuple[str, ...]) -> nnx.Param:
   value = std * jax.random.normal(rngs.params(), shape, jnp.float32)

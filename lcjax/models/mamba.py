@@ -40,7 +40,7 @@ from lcjax.config import check_types
 from lcjax.kernels import ssd as ssd_kernels
 from lcjax.kernels.ops import LOCAL
 from lcjax.kernels.ssd import ssd, ssd_step
-from lcjax.models.layers import ModelWide, check_impl, normal_param
+from lcjax.models.layers import ModelWide, normal_param
 
 
 @gin.configurable
@@ -86,7 +86,7 @@ class MambaConfig:
     if not 0 < lo <= hi:
       raise ValueError(f"MambaConfig.A_init_range={self.A_init_range} must be (min, max) with "
                        f"0 < min <= max (A = -U(min, max)), e.g. (1.0, 16.0).")
-    check_impl(self.impl, "MambaConfig.impl", ssd_kernels.IMPLS)
+    ssd_kernels.SSD.check_name(self.impl, "MambaConfig.impl")
 
   def d_inner(self, d_model: int) -> int:
     return self.expand * d_model

@@ -17,6 +17,7 @@ from lcjax.models.pattern import MIXERS
 
 def model_config(gin_file: str) -> ModelConfig:
   """The ModelConfig a gin file describes (gin state is cleared before and after)."""
+  import lcjax.models.allocation  # noqa: F401  (gin must know hybrid_pattern)
   from lcjax.config import parse_gin
 
   gin.clear_config()

@@ -119,8 +119,8 @@ class SequenceSharding:
     layout's order -> out like q, each device's share in tiles of block_q x block_kv."""
     self.check_attention_impl(impl)
     return sequence_attention(q, k, v, segment_ids, positions, layout=self.layout,
-                              method=self.config.attention, window=mask.window,
-                              sinks=mask.sinks, head_axis=self.head_axis, block_q=block_q,
+                              method=self.config.attention, mask=mask,
+                              head_axis=self.head_axis, block_q=block_q,
                               block_kv=block_kv,
                               kernel="pallas" if impl == "pallas" else "blockwise",
                               **self._axes())

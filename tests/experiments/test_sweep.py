@@ -10,7 +10,7 @@ import pytest
 from lcjax.config import parse_gin
 from lcjax.data.pipeline import DataConfig
 from lcjax.models.config import ModelConfig
-from lcjax.train.loop import Run
+from lcjax.run import Run
 from tests.train.runs import REPO
 
 _spec = importlib.util.spec_from_file_location("sweep", os.path.join(REPO, "experiments", "sweep.py"))

@@ -5,7 +5,10 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from lcjax.models.attention import AttentionConfig
 from lcjax.models.config import ModelConfig
+from lcjax.models.mamba import MambaConfig
+from lcjax.models.mlp import MLPConfig
 from lcjax.parallel import sharding
 from lcjax.parallel.mesh import MeshConfig, make_mesh
 from lcjax.train import state as train_state
@@ -20,7 +23,8 @@ def test_minus_one_takes_the_remaining_devices():
 
 def test_rules_shard_params_and_optimizer_moments_alike():
   mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
-  cfg = ModelConfig(d_model=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128,
+  attention = AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16)
+  cfg = ModelConfig(d_model=64, attention=attention, mlp=MLPConfig(hidden_dim=128),
                     tie_embeddings=False)
   _, params = train_state.model_skeleton(cfg)
   optimizer = optax.adam(1e-3)
@@ -46,9 +50,12 @@ def test_batch_sharding_spans_data_and_fsdp():
 
 
 def test_describe_prints_rules_and_per_device_shapes():
-  from lcjax.models.config import ModelConfig
+  from lcjax.models.attention import AttentionConfig
+from lcjax.models.config import ModelConfig
+from lcjax.models.mamba import MambaConfig
+from lcjax.models.mlp import MLPConfig
   from lcjax.train.state import model_skeleton
-  _, params = model_skeleton(ModelConfig(pattern="M*-", mamba_headdim=32, mamba_d_state=16))
+  _, params = model_skeleton(ModelConfig(pattern="M*-", mamba=MambaConfig(headdim=32, d_state=16)))
   mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
   text = sharding.describe(params, mesh, sharding.DEFAULT_RULES)
   assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 4, 'sequence': 1}" in text
