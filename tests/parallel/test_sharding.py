@@ -50,10 +50,6 @@ def test_batch_sharding_spans_data_and_fsdp():
 
 
 def test_describe_prints_rules_and_per_device_shapes():
-  from lcjax.models.attention import AttentionConfig
-from lcjax.models.config import ModelConfig
-from lcjax.models.mamba import MambaConfig
-from lcjax.models.mlp import MLPConfig
   from lcjax.train.state import model_skeleton
   _, params = model_skeleton(ModelConfig(pattern="M*-", mamba=MambaConfig(headdim=32, d_state=16)))
   mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
