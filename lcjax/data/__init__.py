@@ -1,4 +1,5 @@
-"""Data layer: seqio tasks, packing and checkpointable batch iterators.
+"""Data layer: vocabularies, seqio tasks (each declaring whether it has answers), packing and
+checkpointable batch iterators. Imports no lcjax package but lcjax.config.
 
 This is the only package that imports tensorflow / seqio. Importing it keeps
 TensorFlow off the GPUs (JAX owns them) and quiet.
