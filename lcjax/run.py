@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lcjax.config import check_positive, check_types
 from lcjax.data.pipeline import DataConfig, make_eval_batches, vocabulary
+from lcjax.errors import ConfigError
 from lcjax.models.config import ModelConfig
 from lcjax.models.loss import token_losses
 from lcjax.parallel import sharding
@@ -40,6 +41,9 @@ class TrainConfig:
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
   peak_flops_per_device: float | None = None  # None: looked up from the device kind
+  # A damaged newest checkpoint on resume: "stop" with a message, or "fallback": set it aside
+  # (DIR/quarantine/) and resume from the newest intact one.
+  on_corrupt_checkpoint: str = "stop"
 
   def __post_init__(self):
     check_types(self)
@@ -49,6 +53,10 @@ class TrainConfig:
       raise ValueError(
           f"TrainConfig.batch_size={self.batch_size} is not divisible by grad_accum_steps="
           f"{self.grad_accum_steps}; each microbatch must have the same number of rows.")
+    if self.on_corrupt_checkpoint not in ("stop", "fallback"):
+      raise ConfigError(
+          f"TrainConfig.on_corrupt_checkpoint = {self.on_corrupt_checkpoint!r}; expected "
+          "'stop' or 'fallback'.")
 
 
 @dataclasses.dataclass

@@ -2,7 +2,8 @@
 
     Run -> build (lcjax.run) -> state (fresh or restored) -> jitted step, repeated:
     log every `log_every`, eval every `eval_every`, checkpoint every `checkpoint_every`;
-    SIGTERM saves a checkpoint and stops.
+    SIGTERM saves a checkpoint and stops; a non-finite step stops the run and sets aside the
+    checkpoints it poisoned.
 """
 
 import contextlib
@@ -15,7 +16,9 @@ import gin
 import jax
 import tqdm
 
+from lcjax.config import binding_changes
 from lcjax.data.pipeline import make_train_iterator
+from lcjax.errors import ConfigError, NonFiniteLossError
 from lcjax.eval.evaluate import evaluate
 from lcjax.parallel import sharding
 from lcjax.run import Run, Setup, build, load_eval_batches
@@ -24,46 +27,45 @@ from lcjax.train import state as train_state
 from lcjax.train.checkpoint import Checkpointer
 from lcjax.train.metrics import MetricsWriter, Throughput
 from lcjax.train.step import make_train_step
-
-
-class NonFiniteLossError(FloatingPointError):
-  pass
+from lcjax.workdir import prepare_workdir
 
 
 def train(workdir: str, run: Run | None = None) -> dict:
   """Trains (resuming from the newest checkpoint in `workdir`) and returns a summary."""
   run = run or Run.from_gin()
   cfg = run.train
-  os.makedirs(workdir, exist_ok=True)
+  workdir = prepare_workdir(workdir)
   with contextlib.ExitStack() as cleanup:
     # ---- Assemble: mesh, shardings, optimizer; this process's share of the data.
     setup = build(run)
     data = make_train_iterator(run.data, cfg.batch_size // setup.data_shards,
                                shard_index=setup.data_shard, num_shards=setup.data_shards)
-    _describe(workdir, setup)  # after every configurable (data tasks too) has been read
+    config = gin.operative_config_str()  # after every configurable (data tasks too) was read
 
     # ---- State: the newest checkpoint's, or fresh; the jitted step; eval data.
     ckpt = cleanup.enter_context(contextlib.closing(
         Checkpointer(workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)))
-    state, start = _restore_or_init(run, setup, ckpt, data)
+    state, start = _restore_or_init(run, setup, ckpt, data, config)
+    _describe(workdir, setup, config, start)
     step_fn = _jit_train_step(setup, cfg.grad_accum_steps)
     eval_batches = load_eval_batches(run)
 
     # ---- Outputs: metrics and progress bar (process 0), throughput, the summary returned.
     writer, bar = _progress(workdir, cfg.steps, start, cleanup)
-    pending, throughput, summary = _PendingMetrics(ckpt), _throughput(run), _summary(workdir, ckpt)
+    pending, throughput = _PendingMetrics(ckpt, run, start), _throughput(run)
+    summary = _summary(workdir, ckpt)
     preempted = cleanup.enter_context(_sigterm_flag())
 
     # ---- Loop: a step; then log, eval and checkpoint when due; on SIGTERM save and stop.
     step = start
     while step < cfg.steps:
       if preempted.is_set():
-        _save(ckpt, pending, step, state, data, force=True)
+        _preempt(ckpt, pending, step, state, data, config)
         summary["preempted"] = True
-        print(f"\nSIGTERM: saved checkpoint at step {step}, exiting.")
         break
       state, metrics = step_fn(state, setup.put_batch(next(data), cfg.batch_size))
       step += 1
+      ckpt.check()  # a background save that failed (a full disk) stops the run here
       pending.add(step, metrics)
       throughput.step()
       bar.update(1)
@@ -71,11 +73,11 @@ def train(workdir: str, run: Run | None = None) -> dict:
         summary["train"] = _log(step, pending.drain(), throughput, writer, bar)
       if _due(step, cfg.eval_every, cfg.steps):
         pending.drain()
-        with throughput.excluded():  # eval time is not training throughput
+        with throughput.excluded():  # eval time is not training time
           summary["eval"] = evaluate(setup.eval_step, state["params"], eval_batches)
         writer.write(step, summary["eval"])
       if _due(step, cfg.checkpoint_every, cfg.steps):
-        _save(ckpt, pending, step, state, data, force=step == cfg.steps)
+        _save(ckpt, pending, step, state, data, config, force=step == cfg.steps)
   summary["step"] = step
   return summary
 
@@ -84,12 +86,17 @@ def _due(step: int, every: int, last: int) -> bool:
   return step % every == 0 or step == last
 
 
-def _describe(workdir: str, setup: Setup) -> None:
-  """Process 0 writes the operative gin config and prints how the model is sharded."""
+def _describe(workdir: str, setup: Setup, config: str, start: int) -> None:
+  """Process 0 records the operative gin config and prints how the model is sharded.
+
+  DIR/config.gin is the newest run's config; DIR/config.<start>.gin keeps each (re)start's, so
+  the config that wrote every checkpoint stays on record (each checkpoint also holds its own).
+  """
   if jax.process_index() != 0:
     return
-  with open(os.path.join(workdir, "config.gin"), "w") as f:
-    f.write(gin.operative_config_str())
+  for name in ("config.gin", _unused(workdir, f"config.{start}", ".gin", config)):
+    with open(os.path.join(workdir, name), "w") as f:
+      f.write(config)
   print(sharding.describe(setup.abstract_params, setup.mesh, setup.rules))
   if setup.sequence is not None:
     seq = setup.sequence
@@ -97,16 +104,47 @@ def _describe(workdir: str, setup: Setup) -> None:
           f"{seq.layout!r}, attention {seq.config.attention!r}")
 
 
-def _restore_or_init(run: Run, setup: Setup, ckpt: Checkpointer, data) -> tuple[dict, int]:
+def _unused(workdir: str, stem: str, suffix: str, content: str) -> str:
+  """`stem + suffix`, or `stem.<n> + suffix` when a file of that name holds something else."""
+  name, n = stem + suffix, 1
+  while os.path.exists(os.path.join(workdir, name)):
+    with open(os.path.join(workdir, name)) as f:
+      if f.read() == content:
+        break
+    name, n = f"{stem}.{n}{suffix}", n + 1
+  return name
+
+
+def _restore_or_init(run: Run, setup: Setup, ckpt: Checkpointer, data,
+                     config: str) -> tuple[dict, int]:
   """(state, step): the newest checkpoint's (the data iterator's position too), else fresh."""
-  start = ckpt.latest_step()
-  if start is None:
+  latest = ckpt.latest_step()
+  if latest is not None:
+    _check_same_length(ckpt, latest, config)
+  restored = ckpt.restore_latest(setup.abstract_state(), config,
+                                 on_corrupt=run.train.on_corrupt_checkpoint)
+  if restored is None:
     return train_state.init_state(run.model, run.train.seed, setup.optimizer,
                                   setup.shardings), 0
-  state, data_state = ckpt.restore(start, setup.abstract_state())
+  state, data_state, start = restored
   data.restore(data_state)
   print(f"Resumed from {ckpt.directory}/{start}")
   return state, start
+
+
+def _check_same_length(ckpt: Checkpointer, step: int, config: str) -> None:
+  """The learning-rate schedule is a function of TrainConfig.steps: resuming with another value
+  would silently change the learning rate from the resumed step on."""
+  saved = ckpt.config_of(step)
+  if saved is None:
+    return
+  changed = [c for c in binding_changes(saved, config) if c.startswith("TrainConfig.steps:")]
+  if changed:
+    raise ConfigError(
+        f"{changed[0]} since checkpoint step {step} in {ckpt.directory} was written: the "
+        "learning-rate schedule spans TrainConfig.steps, so resuming would change the learning "
+        "rate from that step on. Set TrainConfig.steps back to resume this run; to train with "
+        "another schedule, start a new run with a new --workdir.")
 
 
 def _jit_train_step(setup: Setup, accum_steps: int):
@@ -118,7 +156,8 @@ def _jit_train_step(setup: Setup, accum_steps: int):
 def _progress(workdir: str, steps: int, start: int, cleanup: contextlib.ExitStack):
   """(metrics writer, progress bar), both silent off process 0, closed with `cleanup`."""
   is_main = jax.process_index() == 0
-  writer = cleanup.enter_context(contextlib.closing(MetricsWriter(workdir, enabled=is_main)))
+  writer = cleanup.enter_context(contextlib.closing(
+      MetricsWriter(workdir, start=start, enabled=is_main)))
   bar = cleanup.enter_context(tqdm.tqdm(total=steps, initial=start, disable=not is_main,
                                         dynamic_ncols=True, mininterval=1.0))
   return writer, bar
@@ -151,10 +190,19 @@ def _sigterm_flag():
 
 class _PendingMetrics:
   """Train-step metrics still on the device. `drain` fetches them and stops the run at the first
-  non-finite loss; `last_good` is the newest checkpoint written before it."""
+  non-finite loss, gradient norm or updated-parameter norm.
 
-  def __init__(self, ckpt: Checkpointer):
-    self._ckpt, self._items, self.last_good = ckpt, [], ckpt.latest_step()
+  Step s's loss is computed from the parameters checkpointed at s - 1, so a checkpoint is good
+  only once the step computed from it was finite: a non-finite step s condemns the checkpoints
+  from s - 1 on (they hold the updates that led to it). They are set aside, not deleted, so that
+  running again resumes from the newest good one. The checkpoint this run resumed from is never
+  set aside: its next step was finite when it was first run, so a failure right after resuming
+  comes from what changed since (the configuration), and rerunning must not walk back through
+  every checkpoint.
+  """
+
+  def __init__(self, ckpt: Checkpointer, run: Run, start: int):
+    self._ckpt, self._optim, self._start, self._items = ckpt, run.optim, start, []
 
   def add(self, step: int, metrics: dict) -> None:
     self._items.append((step, metrics))
@@ -163,13 +211,28 @@ class _PendingMetrics:
     fetched = [(s, jax.device_get(m)) for s, m in self._items]
     self._items.clear()
     for s, m in fetched:
-      if not (math.isfinite(float(m["loss"])) and math.isfinite(float(m["grad_norm"]))):
-        raise NonFiniteLossError(
-            f"Loss or gradient norm became non-finite at step {s} (loss={float(m['loss'])}, "
-            f"grad_norm={float(m['grad_norm'])}). No checkpoint was written after it; the "
-            f"last good one is step {self.last_good} in {self._ckpt.directory}. Lower "
-            "OptimConfig.peak_learning_rate, raise warmup_steps, or check the data.")
+      values = {k: float(m[k]) for k in ("loss", "grad_norm", "param_norm")}
+      if not all(math.isfinite(v) for v in values.values()):
+        self._diverged(s, values)
     return fetched
+
+  def _diverged(self, step: int, values: dict) -> None:
+    # Only the update overflowed: the parameters step s started from gave a finite loss.
+    first_bad = step if math.isfinite(values["loss"] + values["grad_norm"]) else step - 1
+    self._ckpt.wait()
+    poisoned = [c for c in self._ckpt.all_steps() if c >= first_bad and c > self._start]
+    moved = [self._ckpt.quarantine(c, "diverged") for c in poisoned]
+    good = self._ckpt.latest_step()
+    shown = ", ".join(f"{k}={v:.3g}" for k, v in values.items())
+    aside = (f" Checkpoint(s) {poisoned} hold the updates that led to it; they were moved to "
+             f"{', '.join(moved)}." if poisoned else "")
+    resume = (f"The newest good checkpoint is step {good} in {self._ckpt.directory}; running the "
+              "same command again resumes from it." if good is not None else
+              "No good checkpoint exists; running the same command again starts from step 0.")
+    raise NonFiniteLossError(
+        f"Training diverged at step {step} ({shown}).{aside} {resume} First lower "
+        f"OptimConfig.peak_learning_rate (now {self._optim.peak_learning_rate:g}), raise "
+        f"OptimConfig.warmup_steps (now {self._optim.warmup_steps}), or check the data.")
 
 
 def _log(step: int, fetched: list, throughput: Throughput, writer: MetricsWriter, bar) -> dict:
@@ -182,9 +245,17 @@ def _log(step: int, fetched: list, throughput: Throughput, writer: MetricsWriter
   return {"step": step, **logged}
 
 
-def _save(ckpt: Checkpointer, pending: _PendingMetrics, step: int, state, data,
+def _save(ckpt: Checkpointer, pending: _PendingMetrics, step: int, state, data, config: str,
           force: bool) -> None:
   """Checkpoints `step` when due (or `force`), once its metrics are known to be finite."""
   pending.drain()
-  if ckpt.save(step, state, data.state(), force=force):
-    pending.last_good = step
+  ckpt.save(step, state, data.state(), config, force=force)
+
+
+def _preempt(ckpt: Checkpointer, pending: _PendingMetrics, step: int, state, data,
+             config: str) -> None:
+  """Saves `step` (if the interval did not just save it) and waits until it is on disk."""
+  _save(ckpt, pending, step, state, data, config, force=True)
+  ckpt.wait()
+  print(f"\nSIGTERM: checkpoint step {step} is saved in {ckpt.directory}; exiting. Run the "
+        "same command again to resume from it.")

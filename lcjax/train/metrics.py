@@ -10,13 +10,21 @@ import tensorboardX
 
 
 class MetricsWriter:
-  """Writes scalar metrics; a no-op on processes other than 0 (multi-host)."""
+  """Writes scalar metrics; a no-op on processes other than 0 (multi-host).
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  A run resumed at `start` replays the steps after it, so the lines logged past `start` by the
+  interrupted run are dropped first (metrics.jsonl keeps one object per logged step), and the
+  new TensorBoard event file starts with a purge marker at `start + 1`: TensorBoard hides the
+  older files' events from that step on.
+  """
+
+  def __init__(self, workdir: str, start: int = 0, enabled: bool = True):
     self.enabled = enabled
     if enabled:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
+      path = os.path.join(workdir, "metrics.jsonl")
+      _drop_lines_after(path, start)
+      self._jsonl = open(path, "a")
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"), purge_step=start + 1)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -36,8 +44,23 @@ class MetricsWriter:
       self._tb.close()
 
 
+def _drop_lines_after(path: str, step: int) -> None:
+  """Rewrites the log without the lines past `step`, nor a last line a kill cut short
+  (atomically: a crash keeps either the old log or the new one)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [line for line in lines
+          if line.endswith("\n") and line.strip() and json.loads(line)["step"] <= step]
+  if len(kept) < len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 def read_metrics(workdir: str) -> list[dict]:
-  """The metrics log as a list of dicts (later lines for the same step win in `by_step`)."""
+  """The metrics log as a list of dicts, one per logged step (eval results on their own line)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]
 

@@ -55,14 +55,14 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule,
     denom = jnp.maximum(weight_sum, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-    new_state = {
-        "step": state["step"] + 1,
-        "params": optax.apply_updates(params, updates),
-        "opt_state": opt_state,
-    }
+    new_params = optax.apply_updates(params, updates)
+    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
     metrics = {
         "loss": loss_sum / denom,
         "grad_norm": optax.global_norm(grads),
+        # The loss sees the parameters before the update; this sees them after it, so an update
+        # that overflows is caught at its own step, before it can be checkpointed.
+        "param_norm": optax.global_norm(new_params),
         "lr": schedule(state["step"]),
         "loss_tokens": weight_sum,
     }

@@ -79,7 +79,12 @@ def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def train_steps(workdir) -> list[int]:
+  """The steps of metrics.jsonl's training lines, in file order (eval lines left out)."""
+  return [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+
+
 def train_losses(workdir) -> dict[int, float]:
-  """step -> loss; a step logged twice (before a kill and after the resume) keeps the last."""
+  """step -> loss of metrics.jsonl's training lines."""
   return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
           if "loss" in r}
