@@ -1,0 +1,54 @@
+"""What the CLIs (`lcjax.train`, `lcjax.eval`) share: how an lcjax error reaches the user.
+
+An `lcjax.errors.LcjaxError` is printed as one paragraph, `Error: <what happened, the path or
+step involved, what was kept, the fix>`, on stderr, without a traceback, and the process exits
+with the error's `exit_code`:
+
+    exit status  meaning                                           e.g.
+    0            success, including a preempted run (SIGTERM)      run the same command to resume
+                 whose state was saved
+    1            the run failed while running                      the loss diverged; a checkpoint
+                                                                   is damaged or cannot be written
+    2            the command or its configuration must change;     a misspelt or wrongly typed
+                 nothing was changed on disk                       binding, a missing --gin_file,
+                                                                   an impossible mesh, a workdir
+                                                                   that is a file or read-only,
+                                                                   eval --step with no checkpoint
+
+`--verbose` (or the environment variable LCJAX_TRACEBACK=1) prints the traceback above the
+paragraph; the exit status stays the same. Any other exception is a bug in lcjax: Python prints
+its traceback and exits 1.
+"""
+
+import os
+import sys
+import traceback
+from typing import Callable
+
+from absl import app, flags
+
+from lcjax.errors import LcjaxError
+
+flags.DEFINE_bool("verbose", False, "On an error, print the traceback too (or LCJAX_TRACEBACK=1).")
+
+
+def run_cli(main: Callable[[list[str]], None]) -> None:
+  """`absl.app.run(main)`, with every LcjaxError `main` raises reported as above."""
+  app.run(lambda argv: _reporting(main, argv))
+
+
+def _reporting(main: Callable[[list[str]], None], argv: list[str]) -> None:
+  try:
+    main(argv)
+  except LcjaxError as e:
+    if flags.FLAGS.verbose or os.environ.get("LCJAX_TRACEBACK") == "1":
+      traceback.print_exc()
+    print(error_paragraph(e), file=sys.stderr)
+    sys.exit(e.exit_code)
+
+
+def error_paragraph(error: BaseException) -> str:
+  """`Error: <message>` on one line: the message's own line breaks (and gin's appended
+  "In call to configurable ..." context) joined with spaces, so the paragraph reads as one."""
+  lines = (line.strip() for line in str(error).splitlines())
+  return "Error: " + " ".join(line for line in lines if line)
