@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lcjax.config import check_positive, check_types
 from lcjax.data.pipeline import DataConfig, make_eval_batches, vocabulary
+from lcjax.errors import ConfigError
 from lcjax.models.config import ModelConfig
 from lcjax.models.loss import token_losses
 from lcjax.parallel import sharding
@@ -46,7 +47,7 @@ class TrainConfig:
     check_positive(self, ("steps", "batch_size", "grad_accum_steps", "log_every", "eval_every",
                           "checkpoint_every", "keep_checkpoints"))
     if self.batch_size % self.grad_accum_steps:
-      raise ValueError(
+      raise ConfigError(
           f"TrainConfig.batch_size={self.batch_size} is not divisible by grad_accum_steps="
           f"{self.grad_accum_steps}; each microbatch must have the same number of rows.")
 
@@ -95,7 +96,7 @@ class Setup:
 def check_vocabulary(model_cfg: ModelConfig, data_cfg: DataConfig) -> None:
   size = vocabulary(data_cfg).vocab_size
   if model_cfg.vocab_size < size:
-    raise ValueError(
+    raise ConfigError(
         f"ModelConfig.vocab_size={model_cfg.vocab_size} is smaller than the data vocabulary "
         f"({data_cfg.vocabulary!r}, {size} ids). Set ModelConfig.vocab_size >= {size} (a "
         "multiple of 128 is fastest).")
