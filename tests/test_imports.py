@@ -1,7 +1,8 @@
 """lcjax's imports run one way: no cycles, and each module imports only from its own layer or
 a lower one. Read from the source (ast), nothing is imported.
 
-    base (lcjax, lcjax.config, lcjax.errors, lcjax.cli, lcjax.workdir) < kernels < parallel < models < data < run < train / eval < CLIs
+    base (lcjax, lcjax.config, lcjax.errors, lcjax.cli, lcjax.workdir) < kernels < parallel
+      < models < data < run < train / eval < CLIs
 """
 
 import ast
