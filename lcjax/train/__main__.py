@@ -23,17 +23,20 @@ def main(argv):
   # gin knows a configurable only once its module is imported: these import every one a run's
   # gin files may bind (lcjax.run imports the model, data, mesh and optimizer configs).
   import lcjax.models.allocation  # noqa: F401  (hybrid_pattern)
-  import lcjax.run  # noqa: F401
   from lcjax.config import parse_gin
+  from lcjax.run import Run
   from lcjax.train.distributed import maybe_initialize
   from lcjax.train.loop import train
   from lcjax.workdir import prepare_workdir
 
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   parse_gin(FLAGS.gin_file, FLAGS.gin_bindings)
-  prepare_workdir(FLAGS.workdir)  # before anything compiles: a wrong path fails in a second
+  # Every binding's type and range, then the path, in a second and before anything is created
+  # (neither touches a JAX backend, which maybe_initialize must come before).
+  run = Run.from_gin()
+  prepare_workdir(FLAGS.workdir)
   maybe_initialize()
-  print_summary(train(FLAGS.workdir))
+  print_summary(train(FLAGS.workdir, run))
 
 
 def print_summary(summary: dict) -> None:
