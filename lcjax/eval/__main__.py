@@ -30,8 +30,8 @@ def evaluate_checkpoint(workdir: str, step: int | None = None) -> dict:
   from lcjax.train.checkpoint import Checkpointer
   from lcjax.workdir import existing_workdir
 
+  run = Run.from_gin()  # the bindings first, as lcjax.train checks them
   existing_workdir(workdir)  # the Checkpointer would create a mistyped workdir
-  run = Run.from_gin()
   setup = build(run)
   ckpt = Checkpointer(workdir, every=1, keep=run.train.keep_checkpoints)
   steps = ckpt.all_steps()

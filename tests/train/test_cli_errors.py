@@ -65,7 +65,8 @@ def case(tmp_path_factory):
   fresh = lambda name: str(root / name)  # a workdir that must still not exist afterwards
   cases = {
       "misspelt": ("lcjax.train", fresh("misspelt"), ["--gin_bindings=ModelConfg.d_model = 64"]),
-      "wrong_type": ("lcjax.train", fresh("wrong_type"), ["--gin_bindings=TrainConfig.steps = 'x'"]),
+      "wrong_type": ("lcjax.train", fresh("wrong_type"),
+                     ["--gin_bindings=TrainConfig.steps = 'x'"]),
       "wrong_type_verbose": ("lcjax.train", fresh("wrong_type_verbose"),
                              ["--gin_bindings=TrainConfig.steps = 'x'", "--verbose"]),
       "missing_gin_file": ("lcjax.train", fresh("missing_gin_file"),
