@@ -34,14 +34,16 @@ flags.DEFINE_bool("verbose", False, "On an error, print the traceback too (or LC
 
 def run_cli(main: Callable[[list[str]], None]) -> None:
   """`absl.app.run(main)`, with every LcjaxError `main` raises reported as above."""
-  app.run(lambda argv: _reporting(main, argv))
+  app.run(lambda argv: report_errors(main, argv))
 
 
-def _reporting(main: Callable[[list[str]], None], argv: list[str]) -> None:
+def report_errors(main: Callable[[list[str]], None], argv: list[str]) -> None:
+  """Runs `main(argv)`; an LcjaxError it raises is printed as above and exits the process."""
   try:
     main(argv)
   except LcjaxError as e:
-    if flags.FLAGS.verbose or os.environ.get("LCJAX_TRACEBACK") == "1":
+    # The flag's value, parsed or (called outside app.run) its default.
+    if flags.FLAGS["verbose"].value or os.environ.get("LCJAX_TRACEBACK") == "1":
       traceback.print_exc()
     print(error_paragraph(e), file=sys.stderr)
     sys.exit(e.exit_code)

@@ -154,12 +154,11 @@ def test_verbose_adds_the_traceback_and_keeps_the_status(case):
 # -- In-process: the reporting wrapper and the workdir checks themselves ----------------------
 
 
-def _exit_of(main, monkeypatch, capsys, *flags: str) -> tuple[int, str]:
-  """(exit status, stderr) of `run_cli(main)` with command line flags `flags`."""
-  from lcjax.cli import run_cli
-  monkeypatch.setattr(sys, "argv", ["lcjax-test", *flags])
+def _exit_of(main, capsys) -> tuple[int, str]:
+  """(exit status, stderr) of what the CLIs run: `report_errors(main, argv)`."""
+  from lcjax.cli import report_errors
   with pytest.raises(SystemExit) as exit_:
-    run_cli(main)
+    report_errors(main, [])
   return exit_.value.code, capsys.readouterr().err
 
 
@@ -170,25 +169,25 @@ def _raises(error):
   return main
 
 
-def test_exit_status_is_the_errors(monkeypatch, capsys):
+def test_exit_status_is_the_errors(capsys):
   from lcjax.errors import CheckpointCorruptError, ConfigError, NonFiniteLossError
-  code, err = _exit_of(_raises(ConfigError("bad\n  binding")), monkeypatch, capsys)
+  code, err = _exit_of(_raises(ConfigError("bad\n  binding")), capsys)
   assert (code, err) == (2, "Error: bad binding\n")
   for runtime in (NonFiniteLossError("diverged"), CheckpointCorruptError("damaged")):
-    code, err = _exit_of(_raises(runtime), monkeypatch, capsys)
+    code, err = _exit_of(_raises(runtime), capsys)
     assert code == 1 and err.startswith("Error: ") and "Traceback" not in err
 
 
 def test_lcjax_traceback_env_adds_the_traceback(monkeypatch, capsys):
   from lcjax.errors import ConfigError
   monkeypatch.setenv("LCJAX_TRACEBACK", "1")
-  code, err = _exit_of(_raises(ConfigError("bad binding")), monkeypatch, capsys)
+  code, err = _exit_of(_raises(ConfigError("bad binding")), capsys)
   assert code == 2 and "Traceback" in err and err.endswith("Error: bad binding\n")
 
 
-def test_other_exceptions_keep_their_traceback(monkeypatch, capsys):
+def test_other_exceptions_keep_their_traceback(capsys):
   with pytest.raises(KeyError):
-    _exit_of(_raises(KeyError("a bug")), monkeypatch, capsys)
+    _exit_of(_raises(KeyError("a bug")), capsys)
 
 
 def test_prepare_workdir(tmp_path):
