@@ -4,16 +4,19 @@ An `lcjax.errors.LcjaxError` is printed as one paragraph, `Error: <what happened
 step involved, what was kept, the fix>`, on stderr, without a traceback, and the process exits
 with the error's `exit_code`:
 
-    exit status  meaning                                           e.g.
-    0            success, including a preempted run (SIGTERM)      run the same command to resume
-                 whose state was saved
-    1            the run failed while running                      the loss diverged; a checkpoint
-                                                                   is damaged or cannot be written
-    2            the command or its configuration must change;     a misspelt or wrongly typed
-                 nothing was changed on disk                       binding, a missing --gin_file,
-                                                                   an impossible mesh, a workdir
-                                                                   that is a file or read-only,
-                                                                   eval --step with no checkpoint
+    status  meaning                                   e.g.
+    0       success, including a preempted run        SIGTERM: the state was saved; run the
+            (SIGTERM) whose state was saved           same command again to resume
+    1       the run failed while running              the loss diverged (NonFiniteLossError); a
+                                                      checkpoint is damaged or cannot be written
+                                                      (CheckpointCorruptError, ...WriteError)
+    2       the command or its configuration must     a misspelt or wrongly typed binding, a
+            change; no checkpoint or record of the    missing --gin_file, an impossible mesh
+            run was changed (ConfigError and its      (MeshConfig), a workdir that is a file or
+            subclasses)                               read-only, eval of a mistyped workdir or
+                                                      of a --step with no checkpoint, a
+                                                      checkpoint written by another model
+                                                      (CheckpointMismatchError)
 
 `--verbose` (or the environment variable LCJAX_TRACEBACK=1) prints the traceback above the
 paragraph; the exit status stays the same. Any other exception is a bug in lcjax: Python prints
