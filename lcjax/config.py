@@ -1,5 +1,5 @@
 """gin parsing for the CLIs (with lcjax's shipped configs on the include path), and type
-checks for the gin-configured dataclasses. Imports nothing of lcjax: every layer may use it.
+checks for the gin-configured dataclasses. Imports only lcjax.errors: every layer may use it.
 
 gin already rejects unknown configurables and parameters at parse time; it does not check
 value types, so every config dataclass calls `check_types` in `__post_init__`: a wrong type
@@ -10,10 +10,13 @@ import dataclasses
 import importlib.util
 import logging
 import os
+import re
 import types
 import typing
 
 import gin
+
+from lcjax.errors import ConfigError, ConfigTypeError
 
 
 def configs_dir() -> str:
@@ -31,21 +34,57 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
 
   `include` lines resolve against each file's directory and lcjax's shipped configs. gin knows
   a configurable only once its module is imported: callers (the CLIs) import those first.
+  Raises ConfigError naming a missing file (given or included) or the bad binding.
   """
-  for path in [*(os.path.dirname(os.path.abspath(f)) for f in files), configs_dir()]:
+  search = list(dict.fromkeys([*(os.path.dirname(os.path.abspath(f)) for f in files),
+                               configs_dir()]))
+  for path in search:
     gin.add_config_file_search_path(path)
+  # gin is handed absolute paths: its fallback reader fails with a TypeError on a missing file
+  # whose directory is a namespace package (e.g. configs/ in the repository root).
+  resolved = [_find_gin_file(f, search, None) for f in files]
+  for path in resolved:
+    _check_includes(path, search, seen=set())
   # gin logs "Path not found" for every search path it tries before the one that matches.
   logging.disable(logging.ERROR)
   try:
-    gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
-  except (ValueError, KeyError, SyntaxError, OSError) as e:
-    raise ValueError(
-        f"Bad gin configuration: {e}\n(files: {files}, bindings: {bindings}). Check the "
+    gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
+  except (ValueError, KeyError, SyntaxError, OSError, TypeError) as e:
+    raise ConfigError(
+        f"Bad gin configuration: {e} (files: {files}, bindings: {bindings}). Check the "
         "spelling of the configurable and parameter against the dataclasses in lcjax "
         "(e.g. ModelConfig, DataConfig, TrainConfig, OptimConfig, MeshConfig), and that the "
         "module defining it was imported before parsing.") from e
   finally:
     logging.disable(logging.NOTSET)
+
+
+_INCLUDE = re.compile(r"""^\s*include\s+(['"])(.+?)\1""", re.MULTILINE)
+
+
+def _find_gin_file(name: str, search: list[str], included_from: str | None) -> str:
+  """The absolute path gin reads for `name` (as given, else under each search path)."""
+  tried = list(dict.fromkeys(os.path.abspath(os.path.join(p, name)) for p in ["", *search]))
+  found = next((path for path in tried if os.path.isfile(path)), None)
+  if found is None:
+    where = f"included from {included_from}" if included_from else "--gin_file"
+    searched = "" if os.path.isabs(name) else (
+        f" (a relative path resolves against the current directory {os.getcwd()} and the "
+        f"search paths {search})")
+    raise ConfigError(f"gin file {name!r} ({where}) not found. Tried {tried}{searched}. Fix "
+                      "the path, or give an absolute one.")
+  return found
+
+
+def _check_includes(path: str, search: list[str], seen: set[str]) -> None:
+  """Raises ConfigError naming the first `include`d file (at any depth) that is missing."""
+  if path in seen:
+    return
+  seen.add(path)
+  with open(path) as f:
+    names = [m.group(2) for m in _INCLUDE.finditer(f.read())]
+  for name in names:
+    _check_includes(_find_gin_file(name, search, path), search, seen)
 
 
 def _matches(value, hint) -> bool:
@@ -71,20 +110,22 @@ def _matches(value, hint) -> bool:
 
 
 def check_types(config) -> None:
-  """Raises TypeError naming `Class.field` when a field's value does not match its annotation."""
+  """Raises ConfigTypeError (a TypeError) naming `Class.field` when a field's value does not
+  match its annotation."""
   hints = typing.get_type_hints(type(config))
   for field in dataclasses.fields(config):
     value = getattr(config, field.name)
     if not _matches(value, hints[field.name]):
       name = f"{type(config).__name__}.{field.name}"
-      raise TypeError(
+      raise ConfigTypeError(
           f"{name} = {value!r} has type {type(value).__name__}, expected "
           f"{hints[field.name]}. Fix the gin binding '{name}'.")
 
 
 def check_positive(config, names: tuple[str, ...]) -> None:
-  """Raises ValueError naming `Class.field` for the first of `names` whose value is < 1."""
+  """Raises ConfigError (a ValueError) naming `Class.field` for the first of `names` whose
+  value is < 1."""
   for name in names:
     if getattr(config, name) < 1:
-      raise ValueError(
+      raise ConfigError(
           f"{type(config).__name__}.{name} must be >= 1, got {getattr(config, name)}.")

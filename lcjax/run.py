@@ -50,7 +50,7 @@ class TrainConfig:
     check_positive(self, ("steps", "batch_size", "grad_accum_steps", "log_every", "eval_every",
                           "checkpoint_every", "keep_checkpoints"))
     if self.batch_size % self.grad_accum_steps:
-      raise ValueError(
+      raise ConfigError(
           f"TrainConfig.batch_size={self.batch_size} is not divisible by grad_accum_steps="
           f"{self.grad_accum_steps}; each microbatch must have the same number of rows.")
     if self.on_corrupt_checkpoint not in ("stop", "fallback"):
@@ -103,7 +103,7 @@ class Setup:
 def check_vocabulary(model_cfg: ModelConfig, data_cfg: DataConfig) -> None:
   size = vocabulary(data_cfg).vocab_size
   if model_cfg.vocab_size < size:
-    raise ValueError(
+    raise ConfigError(
         f"ModelConfig.vocab_size={model_cfg.vocab_size} is smaller than the data vocabulary "
         f"({data_cfg.vocabulary!r}, {size} ids). Set ModelConfig.vocab_size >= {size} (a "
         "multiple of 128 is fastest).")

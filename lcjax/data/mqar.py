@@ -14,6 +14,7 @@ import gin
 import numpy as np
 
 from lcjax.config import check_types
+from lcjax.errors import ConfigError
 
 # One "key:value" pair of a decoded prompt.
 PAIR_RE = r"([a-z]{3}):(\d{2})"
@@ -71,7 +72,7 @@ def generate(cfg: MqarConfig, split: str):
   Returns (segments [n, 2 * num_queries] str, loss [n, 2 * num_queries] int32).
   """
   if not 0 < cfg.num_queries <= cfg.num_pairs <= len(KEY_TEXT) // 2:
-    raise ValueError(
+    raise ConfigError(
         f"MqarConfig needs 1 <= num_queries ({cfg.num_queries}) <= num_pairs "
         f"({cfg.num_pairs}) <= {len(KEY_TEXT) // 2}. Fix: adjust them."
     )

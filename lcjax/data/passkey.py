@@ -13,6 +13,7 @@ import gin
 import numpy as np
 
 from lcjax.config import check_types
+from lcjax.errors import ConfigError
 
 FILLER = (
     "The grass is green. The sky is blue. The sun is yellow. "
@@ -59,7 +60,7 @@ def resolve_prompt_bytes(cfg: PasskeyConfig, sequence_length: int) -> int:
     prompt_bytes = sequence_length - cfg.digits - 1
   needed = min_prompt_bytes(cfg.digits)
   if prompt_bytes < needed:
-    raise ValueError(
+    raise ConfigError(
         f"Passkey prompt of {prompt_bytes} bytes cannot hold the key line and "
         f"question ({needed} bytes). Fix: raise DataConfig.sequence_length to "
         f"at least {needed + cfg.digits + 1}, or set "

@@ -11,10 +11,11 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from lcjax.config import check_types
+from lcjax.config import check_positive, check_types
 from lcjax.data import tasks
 from lcjax.data.converter import MaskedLMFeatureConverter
 from lcjax.data.vocab import vocabulary  # noqa: F401  (public re-export)
+from lcjax.errors import ConfigError
 
 
 @gin.configurable
@@ -28,6 +29,7 @@ class DataConfig:
 
   def __post_init__(self):
     check_types(self)  # a wrong-typed gin binding fails here, naming it
+    check_positive(self, ("sequence_length",))  # before the tasks divide by it
 
 
 class BatchIterator:
@@ -70,7 +72,7 @@ def _check_name(name: str, what: str, allow_mixture: bool) -> None:
     known |= set(seqio.MixtureRegistry.names())
   if name not in known:
     lcjax_names = sorted(n for n in known if n.startswith("lcjax_"))
-    raise ValueError(
+    raise ConfigError(
         f"Unknown seqio {'task or mixture' if allow_mixture else 'task'} "
         f"{name!r} in DataConfig.{what}. Fix: use one of {lcjax_names} or "
         "register your own seqio Task before building the data."

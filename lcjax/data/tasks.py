@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from lcjax.config import check_types
 from lcjax.data import mqar, passkey, preprocessors, shakespeare, vocab
+from lcjax.errors import ConfigError
 
 SHAKESPEARE, PASSKEY, MQAR, DEMO = "lcjax_shakespeare", "lcjax_passkey", "lcjax_mqar", "lcjax_demo"
 TASKS = (SHAKESPEARE, PASSKEY, MQAR)
@@ -148,7 +149,7 @@ def check_passkey_fits(cfg, passkey_cfg) -> None:
   if cfg.vocabulary == "byte" and passkey_cfg.prompt_bytes is not None and (
       passkey_cfg.prompt_bytes + passkey_cfg.digits + 1 > cfg.sequence_length
   ):
-    raise ValueError(
+    raise ConfigError(
         f"PasskeyConfig.prompt_bytes={passkey_cfg.prompt_bytes} plus answer "
         f"and EOS exceeds DataConfig.sequence_length={cfg.sequence_length}. "
         "Fix: lower prompt_bytes or leave it None to fit automatically."
@@ -158,7 +159,7 @@ def check_passkey_fits(cfg, passkey_cfg) -> None:
 def check_mqar_fits(cfg, mqar_cfg) -> None:
   need = mqar.example_bytes(mqar_cfg) + 1
   if cfg.vocabulary == "byte" and need > cfg.sequence_length:
-    raise ValueError(
+    raise ConfigError(
         f"An MQAR example takes {need} byte tokens, more than "
         f"DataConfig.sequence_length={cfg.sequence_length}. Fix: raise "
         "sequence_length or lower MqarConfig.num_pairs / num_queries."

@@ -3,6 +3,8 @@ import os
 
 import seqio
 
+from lcjax.errors import ConfigError
+
 
 def vocabulary(cfg) -> seqio.Vocabulary:
   """Returns the vocabulary of a DataConfig."""
@@ -17,7 +19,7 @@ def from_name(name: str) -> seqio.Vocabulary:
   if name == "byte":
     return seqio.ByteVocabulary()
   if not os.path.exists(name):
-    raise ValueError(
+    raise ConfigError(
         f"DataConfig.vocabulary={name!r} is neither 'byte' nor an existing "
         "SentencePiece model file. Fix: set it to 'byte', or train one with "
         "`python -m lcjax.data.train_spm --vocab_size=N --output=PREFIX` and "

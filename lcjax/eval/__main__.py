@@ -1,12 +1,18 @@
 """lcjax-eval / python -m lcjax.eval --gin_file=F [--gin_bindings=...] --workdir=DIR [--step=N]
+    [--verbose]
 
-Restores the newest (or the named) checkpoint of DIR and writes DIR/eval/results.json.
+Restores the newest (or the named) checkpoint of DIR and writes DIR/eval/results.json; creates
+nothing else, and nothing at all when DIR or the checkpoint is missing. Exit status: 0 done,
+1 the evaluation failed, 2 the command or its configuration must change (see lcjax/cli.py).
 """
 
 import json
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from lcjax.cli import run_cli
+from lcjax.errors import ConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "gin files, applied in order (later ones win).")
@@ -22,16 +28,21 @@ def evaluate_checkpoint(workdir: str, step: int | None = None) -> dict:
   from lcjax.eval.evaluate import evaluate
   from lcjax.run import Run, build, load_eval_batches
   from lcjax.train.checkpoint import Checkpointer
+  from lcjax.workdir import existing_workdir
 
-  run = Run.from_gin()
+  run = Run.from_gin()  # the bindings first, as lcjax.train checks them
+  existing_workdir(workdir)  # the Checkpointer would create a mistyped workdir
   setup = build(run)
   ckpt = Checkpointer(workdir, every=1, keep=run.train.keep_checkpoints)
+  steps = ckpt.all_steps()
   step = ckpt.latest_step() if step is None else step
-  if step is None or step not in ckpt.all_steps():
-    raise FileNotFoundError(
-        f"No checkpoint {'at step ' + str(step) if step is not None else ''} in "
-        f"{ckpt.directory} (available: {ckpt.all_steps()}). Train first with "
-        f"`python -m lcjax.train ... --workdir={workdir}`.")
+  if step is None or step not in steps:
+    ckpt.close()
+    fix = ("Choose --step from those, or leave it out for the newest." if steps
+           else f"Train first with `python -m lcjax.train ... --workdir={workdir}`.")
+    raise ConfigError(
+        f"No checkpoint {'at step ' + str(step) + ' ' if step is not None else ''}in "
+        f"{ckpt.directory} (available steps: {steps}); nothing was changed. {fix}")
   state, _ = ckpt.restore(step, setup.abstract_state())
   ckpt.close()
   metrics = evaluate(setup.eval_step, state["params"], load_eval_batches(run))
@@ -62,7 +73,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  run_cli(main)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 
 import jax
 
+from lcjax.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Dispatch:
@@ -26,7 +28,7 @@ class Dispatch:
   def check_name(self, impl: str, field: str) -> None:
     """Fails naming the config field `field` if `impl` is not "auto" or an implementation."""
     if impl not in self.choices:
-      raise ValueError(f"{field}={impl!r} is not one of {self.choices}.")
+      raise ConfigError(f"{field}={impl!r} is not one of {self.choices}.")
 
   def resolve(self, impl: str, *args, **kwargs) -> str:
     """The implementation name `impl` stands for on this backend; with inputs given, fails
@@ -37,6 +39,6 @@ class Dispatch:
     check = self.supports.get(impl)
     reason = check(*args, **kwargs) if check is not None and args else None
     if reason:
-      raise ValueError(f"{self.op} impl {impl!r} cannot run these inputs: {reason} Choose "
-                       f"another one of {self.choices}.")
+      raise ConfigError(f"{self.op} impl {impl!r} cannot run these inputs: {reason} Choose "
+                        f"another one of {self.choices}.")
     return impl

@@ -9,6 +9,8 @@ In gin: `ModelConfig.pattern = @hybrid_pattern()` with `hybrid_pattern.num_layer
 
 import gin
 
+from lcjax.errors import ConfigError
+
 
 def _spread(slots: list[bool], count: int, gap: float) -> list[bool]:
   """Marks `count` of the True `slots`, one after every ~`gap` unmarked ones.
@@ -33,7 +35,7 @@ def _spread(slots: list[bool], count: int, gap: float) -> list[bool]:
 def hybrid_pattern(num_layers: int, attention_ratio: float, mlp_ratio: float) -> str:
   """A pattern of `num_layers` symbols with round(ratio·num_layers) "*" and "-", the rest "M"."""
   if num_layers < 1 or attention_ratio < 0 or mlp_ratio < 0 or attention_ratio + mlp_ratio > 1:
-    raise ValueError(
+    raise ConfigError(
         f"hybrid_pattern(num_layers={num_layers}, attention_ratio={attention_ratio}, "
         f"mlp_ratio={mlp_ratio}): need num_layers >= 1, ratios >= 0 and attention_ratio + "
         "mlp_ratio <= 1 (the rest are Mamba layers).")

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcjax.config import check_types
+from lcjax.config import check_positive, check_types
+from lcjax.errors import ConfigError
 from lcjax.kernels import attention as attention_kernels
 from lcjax.kernels.mask import Mask
 from lcjax.kernels.ops import LOCAL
@@ -48,28 +49,26 @@ class AttentionConfig:
 
   def __post_init__(self):
     check_types(self)
-    for name in ("num_heads", "num_kv_heads", "head_dim", "block_q", "block_kv"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"AttentionConfig.{name} must be >= 1, got {getattr(self, name)}.")
+    check_positive(self, ("num_heads", "num_kv_heads", "head_dim", "block_q", "block_kv"))
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(
+      raise ConfigError(
           f"AttentionConfig.num_heads={self.num_heads} must be a multiple of "
           f"AttentionConfig.num_kv_heads={self.num_kv_heads}: change one of them (e.g. "
           f"num_kv_heads to a divisor of {self.num_heads}).")
     if self.position_encoding not in POSITION_ENCODINGS:
-      raise ValueError(f"AttentionConfig.position_encoding={self.position_encoding!r} is not "
-                       f"one of {POSITION_ENCODINGS}.")
+      raise ConfigError(f"AttentionConfig.position_encoding={self.position_encoding!r} is not "
+                        f"one of {POSITION_ENCODINGS}.")
     if self.position_encoding == "rope" and self.head_dim % 2:
-      raise ValueError(
+      raise ConfigError(
           f"AttentionConfig.head_dim={self.head_dim} must be even for RoPE (it rotates pairs "
           f"of features): use an even head_dim or AttentionConfig.position_encoding='none'.")
     if self.window is not None and self.window < 1:
-      raise ValueError(f"AttentionConfig.window={self.window} must be >= 1 (tokens, the query "
-                       f"included), or None for full causal attention.")
+      raise ConfigError(f"AttentionConfig.window={self.window} must be >= 1 (tokens, the query "
+                        f"included), or None for full causal attention.")
     if self.sinks < 0 or (self.sinks and self.window is None):
-      raise ValueError(f"AttentionConfig.sinks={self.sinks} needs >= 0 and a sliding window "
-                       f"(without one every token is visible anyway): set "
-                       f"AttentionConfig.window or AttentionConfig.sinks = 0.")
+      raise ConfigError(f"AttentionConfig.sinks={self.sinks} needs >= 0 and a sliding window "
+                        f"(without one every token is visible anyway): set "
+                        f"AttentionConfig.window or AttentionConfig.sinks = 0.")
     attention_kernels.ATTENTION.check_name(self.impl, "AttentionConfig.impl")
 
   @property

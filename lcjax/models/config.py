@@ -12,7 +12,8 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from lcjax.config import check_types
+from lcjax.config import check_positive, check_types
+from lcjax.errors import ConfigError
 from lcjax.models.attention import AttentionConfig
 from lcjax.models.layers import ModelWide
 from lcjax.models.mamba import MambaConfig
@@ -63,14 +64,12 @@ class ModelConfig:
   def __post_init__(self):
     check_types(self)
     symbols = parse_pattern(self.pattern)
-    for name in ("vocab_size", "d_model"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}.")
+    check_positive(self, ("vocab_size", "d_model"))
     if self.dtype not in DTYPES:
-      raise ValueError(f"ModelConfig.dtype={self.dtype!r} is not one of {DTYPES}.")
+      raise ConfigError(f"ModelConfig.dtype={self.dtype!r} is not one of {DTYPES}.")
     remats = ("none", "full") + checkpoint_policy_names()
     if self.remat not in remats:
-      raise ValueError(f"ModelConfig.remat={self.remat!r} is not one of {remats}.")
+      raise ConfigError(f"ModelConfig.remat={self.remat!r} is not one of {remats}.")
     for symbol in sorted(set(symbols)):  # constraints bind only the mixers the model has
       mixer = MIXERS[symbol]
       if mixer.check_d_model is not None:

@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcjax.config import check_types
+from lcjax.config import check_positive, check_types
+from lcjax.errors import ConfigError
 from lcjax.kernels import ssd as ssd_kernels
 from lcjax.kernels.ops import LOCAL
 from lcjax.kernels.ssd import ssd, ssd_step
@@ -69,23 +70,21 @@ class MambaConfig:
 
   def __post_init__(self):
     check_types(self)
-    for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"MambaConfig.{name} must be >= 1, got {getattr(self, name)}.")
+    check_positive(self, ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"))
     if not 0 < self.dt_min <= self.dt_max:
-      raise ValueError(
+      raise ConfigError(
           f"Need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}: fix "
           f"MambaConfig.dt_min / MambaConfig.dt_max.")
     if self.dt_init_floor < 0:
-      raise ValueError(f"MambaConfig.dt_init_floor must be >= 0, got {self.dt_init_floor}.")
+      raise ConfigError(f"MambaConfig.dt_init_floor must be >= 0, got {self.dt_init_floor}.")
     lo, hi = self.dt_limit
     if not 0 <= lo < hi:
-      raise ValueError(f"MambaConfig.dt_limit={self.dt_limit} must be (min, max) with "
-                       f"0 <= min < max, e.g. (0.0, float('inf')) for no clamp.")
+      raise ConfigError(f"MambaConfig.dt_limit={self.dt_limit} must be (min, max) with "
+                        f"0 <= min < max, e.g. (0.0, float('inf')) for no clamp.")
     lo, hi = self.A_init_range
     if not 0 < lo <= hi:
-      raise ValueError(f"MambaConfig.A_init_range={self.A_init_range} must be (min, max) with "
-                       f"0 < min <= max (A = -U(min, max)), e.g. (1.0, 16.0).")
+      raise ConfigError(f"MambaConfig.A_init_range={self.A_init_range} must be (min, max) with "
+                        f"0 < min <= max (A = -U(min, max)), e.g. (1.0, 16.0).")
     ssd_kernels.SSD.check_name(self.impl, "MambaConfig.impl")
 
   def d_inner(self, d_model: int) -> int:
@@ -99,12 +98,12 @@ class MambaConfig:
     layers need them)."""
     inner, heads = self.d_inner(d_model), self.nheads(d_model)
     if inner % self.headdim:
-      raise ValueError(
+      raise ConfigError(
           f"MambaConfig.expand * ModelConfig.d_model = {inner} must be a multiple of "
           f"MambaConfig.headdim={self.headdim}: change MambaConfig.headdim (or "
           f"MambaConfig.expand / ModelConfig.d_model).")
     if heads % self.ngroups:
-      raise ValueError(
+      raise ConfigError(
           f"The {heads} Mamba-2 heads (MambaConfig.expand * ModelConfig.d_model / "
           f"MambaConfig.headdim) must be a multiple of MambaConfig.ngroups={self.ngroups}: "
           f"change MambaConfig.ngroups to a divisor of {heads}.")

@@ -6,7 +6,7 @@ import gin
 import jax
 from flax import nnx
 
-from lcjax.config import check_types
+from lcjax.config import check_positive, check_types
 from lcjax.kernels.ops import LOCAL
 from lcjax.models.layers import ModelWide, normal_param
 
@@ -19,8 +19,7 @@ class MLPConfig:
 
   def __post_init__(self):
     check_types(self)
-    if self.hidden_dim < 1:
-      raise ValueError(f"MLPConfig.hidden_dim must be >= 1, got {self.hidden_dim}.")
+    check_positive(self, ("hidden_dim",))
 
 
 def mlp_flops(cfg: MLPConfig, d_model: int, seq_len: int) -> float:

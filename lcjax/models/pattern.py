@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from lcjax.errors import ConfigError
 from lcjax.models.attention import Attention, AttentionConfig, attention_flops
 from lcjax.models.mamba import Mamba2, MambaConfig, mamba_flops
 from lcjax.models.mlp import MLP, MLPConfig, mlp_flops
@@ -43,12 +44,12 @@ MIXERS = {
 
 
 def parse_pattern(pattern: str) -> tuple[str, ...]:
-  """"*-*-" -> ("*", "-", "*", "-"); raises ValueError on an empty pattern or unknown symbol."""
+  """"*-*-" -> ("*", "-", "*", "-"); raises ConfigError on an empty pattern or unknown symbol."""
   allowed = ", ".join(repr(s) for s in MIXERS)
   if not pattern:
-    raise ValueError(f"Empty layer pattern: give one symbol per block from {allowed}.")
+    raise ConfigError(f"Empty layer pattern: give one symbol per block from {allowed}.")
   for i, symbol in enumerate(pattern):
     if symbol not in MIXERS:
-      raise ValueError(f"Unknown symbol {symbol!r} at position {i} of layer pattern "
-                       f"{pattern!r}; allowed symbols: {allowed}.")
+      raise ConfigError(f"Unknown symbol {symbol!r} at position {i} of layer pattern "
+                        f"{pattern!r}; allowed symbols: {allowed}.")
   return tuple(pattern)

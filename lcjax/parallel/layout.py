@@ -18,16 +18,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcjax.errors import ConfigError
+
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
 
 def check_layout(layout: str, seq: int, shards: int) -> None:
   """Fails, naming the fix, if `layout` is unknown or cannot split `seq` over `shards`."""
   if layout not in LAYOUTS:
-    raise ValueError(f"Unknown sequence layout {layout!r}; choose one of {LAYOUTS}.")
+    raise ConfigError(f"Unknown sequence layout {layout!r}; choose one of {LAYOUTS}.")
   unit = 2 * shards if layout == "zigzag" else shards
   if seq % unit:
-    raise ValueError(
+    raise ConfigError(
         f"Sequence length {seq} cannot be split in the {layout!r} layout over {shards} "
         f"sequence shards: it must be a multiple of {unit}"
         f"{' (2 chunks per shard)' if layout == 'zigzag' else ''}. Change the sequence length "

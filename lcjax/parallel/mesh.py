@@ -9,6 +9,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
+from lcjax.errors import ConfigError
+
 AXES = ("data", "fsdp", "tensor", "sequence")
 
 
@@ -27,22 +29,22 @@ class MeshConfig:
     sizes = {axis: getattr(self, axis) for axis in AXES}
     bad = {a: s for a, s in sizes.items() if not isinstance(s, int) or (s < 1 and s != -1)}
     if bad:
-      raise ValueError(f"MeshConfig: axis sizes must be positive integers or -1, got {bad}.")
+      raise ConfigError(f"MeshConfig: axis sizes must be positive integers or -1, got {bad}.")
     free = [a for a, s in sizes.items() if s == -1]
     if len(free) > 1:
-      raise ValueError(
+      raise ConfigError(
           f"MeshConfig: only one axis may be -1 (the rest of the devices), got {free}. "
           "Set all but one of them explicitly.")
     fixed = math.prod(s for s in sizes.values() if s != -1)
     if free:
       if num_devices % fixed:
-        raise ValueError(
+        raise ConfigError(
             f"MeshConfig {sizes}: the fixed axes use {fixed} devices, which does not divide the "
             f"{num_devices} available, so '{free[0]}=-1' cannot take the rest. Choose sizes whose "
             f"product divides {num_devices}.")
       sizes[free[0]] = num_devices // fixed
     elif fixed != num_devices:
-      raise ValueError(
+      raise ConfigError(
           f"MeshConfig {sizes}: the axes multiply to {fixed} devices but {num_devices} are "
           "available. Make the product equal the device count, or set one axis to -1.")
     return sizes

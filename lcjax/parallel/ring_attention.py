@@ -35,6 +35,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from lcjax.errors import ConfigError
 from lcjax.kernels import tiles
 from lcjax.kernels.blockwise_attention import blockwise_attention, blockwise_bwd, blockwise_fwd
 from lcjax.kernels.flash_attention import flash_attention, flash_bwd, flash_fwd
@@ -216,11 +217,11 @@ def sequence_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: ja
   batch_axes, head_axis = present_axes(mesh, batch_axes), present_axes(mesh, head_axis)
   n_batch = axes_size(mesh, batch_axes)
   if batch % n_batch:
-    raise ValueError(f"Batch size {batch} is not divisible by the {n_batch} devices of the "
-                     f"batch mesh axes {batch_axes}. Use a multiple of {n_batch}.")
+    raise ConfigError(f"Batch size {batch} is not divisible by the {n_batch} devices of the "
+                      f"batch mesh axes {batch_axes}. Use a multiple of {n_batch}.")
   n_heads = axes_size(mesh, head_axis)
   if heads % n_heads or kv_heads % n_heads:
-    raise ValueError(
+    raise ConfigError(
         f"heads={heads} and kv_heads={kv_heads} must both be divisible by the {n_heads} "
         f"devices of the head mesh axis {head_axis!r}. Change the head counts or shrink that "
         "axis (or pass head_axis=None to replicate heads).")

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lcjax.config import check_types
+from lcjax.errors import ConfigError
 from lcjax.kernels.mask import Mask
 from lcjax.parallel import sharding
 from lcjax.parallel.layout import LAYOUTS, check_layout
@@ -45,10 +46,10 @@ class SequenceConfig:
   def __post_init__(self):
     check_types(self)
     if self.layout not in LAYOUTS:
-      raise ValueError(f"SequenceConfig.layout={self.layout!r} is not one of {LAYOUTS}.")
+      raise ConfigError(f"SequenceConfig.layout={self.layout!r} is not one of {LAYOUTS}.")
     if self.attention not in METHODS:
-      raise ValueError(f"SequenceConfig.attention={self.attention!r} is not one of "
-                       f"{tuple(sorted(METHODS))}.")
+      raise ConfigError(f"SequenceConfig.attention={self.attention!r} is not one of "
+                        f"{tuple(sorted(METHODS))}.")
 
 
 # The attention impls ring / all-gather attention can run per block.
@@ -78,14 +79,14 @@ class SequenceSharding:
     if not seq_axes:
       return None
     if len(seq_axes) > 1:
-      raise ValueError(f"The sequence is split over several mesh axes {seq_axes}; sequence "
-                       "parallelism needs one: map 'seq' to a single axis in logical_rules.")
+      raise ConfigError(f"The sequence is split over several mesh axes {seq_axes}; sequence "
+                        "parallelism needs one: map 'seq' to a single axis in logical_rules.")
     head_axes = []
     for name in ("heads", "ssm_heads"):
       axes = _one_axis(sharding.spec((name,), rules)[0])
       if len(axes) > 1:
-        raise ValueError(f"'{name}' is split over several mesh axes {axes}; sequence "
-                         f"parallelism supports one: map '{name}' to a single axis.")
+        raise ConfigError(f"'{name}' is split over several mesh axes {axes}; sequence "
+                          f"parallelism supports one: map '{name}' to a single axis.")
       head_axes.append(axes[0] if axes else None)
     return cls(mesh, config, batch_axes, seq_axes[0], *head_axes)
 
@@ -107,7 +108,7 @@ class SequenceSharding:
     """Ring and all-gather attention run a tiled kernel on each block: "blockwise" (plain JAX)
     or "pallas"; "auto" is blockwise here. Fails, at build, for the whole-row ones."""
     if impl not in SEQUENCE_ATTENTION_IMPLS:
-      raise ValueError(
+      raise ConfigError(
           f"AttentionConfig.impl={impl!r} cannot run with the sequence split over "
           f"{self.shards} devices: ring / all-gather attention run a tiled kernel per block. "
           f"Set AttentionConfig.impl to one of {SEQUENCE_ATTENTION_IMPLS} ('auto' is "

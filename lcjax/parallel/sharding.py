@@ -12,6 +12,7 @@ from flax import linen as nn
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lcjax.errors import ConfigError
 from lcjax.parallel.mesh import axes_size
 
 DEFAULT_RULES = (
@@ -61,7 +62,7 @@ def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules):
     for dim, (size, mesh_axes) in enumerate(zip(var.value.shape, pspec)):
       n = axes_size(mesh, mesh_axes)
       if size % n:
-        raise ValueError(
+        raise ConfigError(
             f"Parameter {jax.tree_util.keystr(path)} (shape {var.value.shape}, logical axes "
             f"{axes}) cannot be sharded: dimension {dim} ('{axes[dim]}', size {size}) is not "
             f"divisible by mesh axes {mesh_axes} of size {n}. Change the mesh, the model size, "
@@ -118,11 +119,11 @@ def check_batch(global_batch_size: int, seq_len: int, mesh: Mesh, rules) -> None
   b_axes, s_axes = spec(BATCH_AXES, rules)
   nb, ns = axes_size(mesh, b_axes), axes_size(mesh, s_axes)
   if global_batch_size % nb:
-    raise ValueError(
+    raise ConfigError(
         f"Global batch size {global_batch_size} is not divisible by the {nb} devices of the "
         f"batch mesh axes {b_axes} (mesh {dict(mesh.shape)}). Use a batch size that is a "
         f"multiple of {nb}, or shrink those mesh axes.")
   if seq_len % ns:
-    raise ValueError(
+    raise ConfigError(
         f"Sequence length {seq_len} is not divisible by the {ns} devices of the sequence mesh "
         f"axes {s_axes}. Use a multiple of {ns}.")

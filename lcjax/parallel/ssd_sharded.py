@@ -49,6 +49,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from lcjax.errors import ConfigError
 from lcjax.kernels.conv import causal_conv
 from lcjax.kernels.ssd import ssd
 from lcjax.kernels.ssd_common import document_starts, pass_states
@@ -65,7 +66,7 @@ def _pieces(layout: str) -> int:
   if layout == "zigzag":
     return 2
   if layout == "striped":
-    raise ValueError(
+    raise ConfigError(
         "Mamba layers cannot run on the 'striped' sequence layout: each shard holds every N-th "
         "token, so the state would have to cross shards at every token. Relayout striped "
         "sequences to 'contiguous' (or 'zigzag') before Mamba layers, or use one of those "
@@ -210,7 +211,7 @@ def sharded_causal_conv_shard(u, weight, bias, segment_ids, *, axis_name: str, l
   if halo == 0:
     return causal_conv(u, weight, bias, segment_ids)
   if seq % pieces or seq // pieces < halo:
-    raise ValueError(
+    raise ConfigError(
         f"The sharded causal conv needs every piece of the {layout!r} layout to hold at least "
         f"d_conv - 1 = {halo} tokens; this shard holds {seq} tokens in {pieces} piece(s). Use "
         f"a longer sequence or fewer sequence shards.")
@@ -285,10 +286,10 @@ def sharded_ssd(x, dt, A, B, C, segment_ids=None, *, mesh: Mesh, layout: str = "
   heads, groups = x.shape[2], B.shape[2]
   tensor = axes_size(mesh, head)
   if heads % tensor:
-    raise ValueError(f"heads={heads} cannot be split over the {tensor} devices of head axis "
-                     f"{head!r}; use a multiple of {tensor} heads or a smaller head axis.")
+    raise ConfigError(f"heads={heads} cannot be split over the {tensor} devices of head axis "
+                      f"{head!r}; use a multiple of {tensor} heads or a smaller head axis.")
   if groups > 1 and groups % tensor:
-    raise ValueError(
+    raise ConfigError(
         f"ngroups={groups} cannot be split with the heads over the {tensor} devices of head axis "
         f"{head!r} (each shard's heads must read only its own groups). Use ngroups=1 or a "
         f"multiple of {tensor}, or a smaller head axis.")

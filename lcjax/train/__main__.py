@@ -1,10 +1,15 @@
 """lcjax-train / python -m lcjax.train --gin_file=F [--gin_file=F2] [--gin_bindings=...]
-    --workdir=DIR"""
+    --workdir=DIR [--verbose]
+
+Exit status: 0 done or preempted (run it again to resume), 1 the run failed, 2 the command or
+its configuration must change (see lcjax/cli.py).
+"""
 
 import json
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from lcjax.cli import run_cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "gin files, applied in order (later ones win).")
@@ -18,20 +23,20 @@ def main(argv):
   # gin knows a configurable only once its module is imported: these import every one a run's
   # gin files may bind (lcjax.run imports the model, data, mesh and optimizer configs).
   import lcjax.models.allocation  # noqa: F401  (hybrid_pattern)
-  import lcjax.run  # noqa: F401
   from lcjax.config import parse_gin
+  from lcjax.run import Run
   from lcjax.train.distributed import maybe_initialize
-  from lcjax.train.loop import NonFiniteLossError, train
+  from lcjax.train.loop import train
+  from lcjax.workdir import prepare_workdir
 
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   parse_gin(FLAGS.gin_file, FLAGS.gin_bindings)
+  # Every binding's type and range, then the path, in a second and before anything is created
+  # (neither touches a JAX backend, which maybe_initialize must come before).
+  run = Run.from_gin()
+  prepare_workdir(FLAGS.workdir)
   maybe_initialize()
-  try:
-    summary = train(FLAGS.workdir)
-  except NonFiniteLossError as e:
-    print(f"\nStopped: {e}", file=sys.stderr)
-    sys.exit(3)
-  print_summary(summary)
+  print_summary(train(FLAGS.workdir, run))
 
 
 def print_summary(summary: dict) -> None:
@@ -53,7 +58,7 @@ def print_summary(summary: dict) -> None:
 
 
 def run():
-  app.run(main)
+  run_cli(main)
 
 
 if __name__ == "__main__":

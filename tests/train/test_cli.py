@@ -1,5 +1,6 @@
 """The CLIs import every configurable's module before parsing gin, in a fresh interpreter."""
 
+import os
 import subprocess
 import sys
 
@@ -23,13 +24,15 @@ def test_cli_knows_every_configurable_in_a_fresh_interpreter(cli, tmp_path):
   cmd = [sys.executable, "-m", cli, f"--gin_file={DEMO_GIN}", f"--workdir={tmp_path}"]
   out = subprocess.run(cmd + [f"--gin_bindings={b}" for b in EVERY_CONFIGURABLE], cwd=REPO,
                        capture_output=True, text=True)
-  assert out.returncode != 0
-  assert "TrainConfig.steps must be >= 1" in out.stderr, out.stderr[-3000:]
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert "Error: TrainConfig.steps must be >= 1" in out.stderr, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr
 
 
 def test_eval_cli_without_a_checkpoint_says_what_to_do(tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "lcjax.eval", f"--gin_file={DEMO_GIN}", f"--workdir={tmp_path}"],
       cwd=REPO, capture_output=True, text=True)
-  assert out.returncode != 0
+  assert out.returncode == 2, out.stderr[-3000:]
   assert "No checkpoint" in out.stderr and "Train first" in out.stderr
+  assert "Traceback" not in out.stderr and os.listdir(tmp_path) == []  # nothing created

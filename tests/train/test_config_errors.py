@@ -4,6 +4,7 @@ import gin
 import pytest
 
 from lcjax.config import parse_gin
+from lcjax.errors import ConfigError, ConfigTypeError
 from lcjax.parallel.mesh import MeshConfig, make_mesh
 from lcjax.run import Run, TrainConfig, build
 from tests.train.runs import DEMO_GIN, TINY
@@ -77,4 +78,25 @@ def test_sequence_length_the_layout_cannot_split():
 def test_unknown_sequence_layout_names_the_binding():
   parse_gin([DEMO_GIN], TINY + ["SequenceConfig.layout = 'diagonal'"])
   with pytest.raises(ValueError, match="SequenceConfig.layout='diagonal'"):
+    build(Run.from_gin())
+
+
+@pytest.mark.parametrize("length", [0, -8])
+def test_sequence_length_must_be_positive(length):
+  from lcjax.data.pipeline import DataConfig
+  with pytest.raises(ConfigError, match=f"DataConfig.sequence_length must be >= 1, got {length}"):
+    DataConfig(sequence_length=length)
+
+
+def test_configuration_errors_are_config_errors():
+  """The CLIs report these as one paragraph with exit status 2 (lcjax.cli)."""
+  with pytest.raises(ConfigError):
+    make_mesh(MeshConfig(data=3))
+  with pytest.raises(ConfigTypeError):
+    TrainConfig(steps="many")
+  with pytest.raises(ConfigError):
+    parse_gin([DEMO_GIN], ["ModelConfg.d_model = 64"])
+  gin.clear_config()
+  parse_gin([DEMO_GIN], TINY + ["TrainConfig.batch_size = 12"])
+  with pytest.raises(ConfigError):
     build(Run.from_gin())
