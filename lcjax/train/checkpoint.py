@@ -252,18 +252,19 @@ class Checkpointer:
     self._manager.reload()
     status = {s: manifest.problems(self._step_dir(s)) for s in self.all_steps() if s != step}
     intact = [s for s, found in status.items() if found == []]
-    needed, basis = ((manifest.size(self._step_dir(intact[-1])), f"the size of step {intact[-1]}")
-                     if intact else (self._state_bytes, "the train state's size"))
+    needed = (f"{_size(manifest.size(self._step_dir(intact[-1])))} (the size of step "
+              f"{intact[-1]})" if intact else f"{_size(self._state_bytes)} (the state's size)")
+    free = _size(shutil.disk_usage(_existing(self.directory)).free)
     kept = ", ".join(f"step {s} ({_status(found)})" for s, found in status.items()) or "none"
-    left = ("its checkpoint directory is complete but unverified (its manifest could not be "
-            "written)" if os.path.isdir(self._step_dir(step)) else
+    left = ("its directory is complete but unverified (its manifest could not be written)"
+            if os.path.isdir(self._step_dir(step)) else
             "nothing of it was kept (its temporary directory was removed)")
     return CheckpointWriteError(
-        f"Saving checkpoint step {step} to {self._step_dir(step)} failed: {_os_error(e) or str(e)[:300]}; "
-        f"{left}. A checkpoint needs about {needed / 2**20:.1f} MiB ({basis}); free now in "
-        f"{self.directory}: {_free_mib(self.directory):.1f} MiB. Earlier checkpoints: {kept}. "
-        f"Fix: free space there (or lift the limit named) and run the same command again; it "
-        f"resumes from the newest intact checkpoint.")
+        f"Saving checkpoint step {step} to {self._step_dir(step)} failed: "
+        f"{_os_error(e) or str(e)[:300]}; {left}. A checkpoint needs about {needed}; free now "
+        f"in {self.directory}: {free}. Earlier checkpoints: {kept}. Fix: free space there (or "
+        f"lift the limit named) and run the same command again; it resumes from the newest "
+        f"intact checkpoint.")
 
 
 class _ManifestedRename(ocp.path.atomicity.AtomicRenameTemporaryPath):
@@ -329,10 +330,19 @@ def _os_error(e: BaseException) -> str | None:
   return None
 
 
-def _free_mib(path: str) -> float:
+def _existing(path: str) -> str:
   while not os.path.exists(path):
     path = os.path.dirname(path)
-  return shutil.disk_usage(path).free / 2**20
+  return path
+
+
+def _size(n: float) -> str:
+  if n < 1024:
+    return f"{n:.0f} bytes"
+  for unit in ("KiB", "MiB", "GiB", "TiB"):
+    n /= 1024
+    if n < 1024 or unit == "TiB":
+      return f"{n:.1f} {unit}"
 
 
 class _OrbaxFailureFilter(logging.Filter):

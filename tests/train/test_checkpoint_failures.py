@@ -138,7 +138,8 @@ def test_a_changed_model_is_a_mismatch_naming_parameters_and_bindings(tmp_path):
         ckpt.restore_latest(abstract, wider, on_corrupt=on_corrupt)
       message = str(err.value)
       assert named in message and "is intact" in message, message
-      assert "ModelConfig.d_model: 32 -> 64" in message and "added ModelConfig.new = True" in message
+      assert "ModelConfig.d_model: 32 -> 64" in message, message
+      assert "added ModelConfig.new = True" in message, message
       assert os.path.join(ckpt.directory, "2", "config", "metadata") in message
       assert "--workdir" in message and "delet" not in message.lower()
       assert not isinstance(err.value, CheckpointCorruptError)
@@ -205,7 +206,7 @@ def test_a_failed_background_save_stops_with_one_message(tmp_path):
   print(message)
   checkpoints = os.path.join(tmp_path, "checkpoints")
   assert f"Saving checkpoint step 2 to {checkpoints}/2 failed: File too large" in message
-  assert "step 1 (intact, checksums verified)" in message and "MiB" in message
+  assert "step 1 (intact, checksums verified)" in message and "KiB" in message
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert sorted(os.listdir(checkpoints)) == ["1"]  # no *.orbax-checkpoint-tmp left behind
   ckpt = Checkpointer(str(tmp_path), every=1, keep=1, create=False)
