@@ -5,7 +5,7 @@ Layout: DIR/checkpoints/<step>/{state, data, config, lcjax.sha256.json}. Saves a
 asynchronous (training continues while arrays are written) and atomic (orbax writes to
 <step>.orbax-checkpoint-tmp and renames), so a crash mid-save never leaves a checkpoint that
 looks complete. Right after the rename, still in orbax's background thread (process 0), the
-manifest (lcjax.manifest) records every file's size and sha256; the save counts as finished
+manifest (lcjax.train.manifest) records every file's size and sha256; the save counts as finished
 only then. A process killed between the rename and the manifest leaves a complete checkpoint
 without one: it restores with a printed warning that it is unverified.
 
