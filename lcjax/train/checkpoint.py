@@ -24,6 +24,8 @@ import logging
 import os
 import re
 import shutil
+import sys
+import traceback
 
 import jax
 import numpy as np
@@ -178,11 +180,19 @@ class Checkpointer:
       except Exception:
         if not self._failure_reported:
           raise
+      if self._failure_reported:  # tensorstore may finish writes orbax gave up on after it
+        self._remove_tmp(self._in_flight)
 
   # ---- Messages.
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
+
+  def _remove_tmp(self, step: int) -> None:
+    """Removes the temporary directory of a failed save of `step` (process 0)."""
+    if jax.process_index() == 0:
+      for tmp in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+        shutil.rmtree(tmp, ignore_errors=True)
 
   def _verify(self, step: int) -> bool:
     """Checks `step`'s files against its manifest: True if verified, False (a warning printed)
@@ -246,9 +256,7 @@ class Checkpointer:
   def _write_failed(self, step: int | None, e: Exception) -> CheckpointWriteError:
     """Cleans up after the failed save of `step` and says what failed and what is intact."""
     self._failure_reported = True
-    if jax.process_index() == 0:
-      for tmp in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
-        shutil.rmtree(tmp, ignore_errors=True)
+    self._remove_tmp(step)
     self._manager.reload()
     status = {s: manifest.problems(self._step_dir(s)) for s in self.all_steps() if s != step}
     intact = [s for s, found in status.items() if found == []]
@@ -346,8 +354,8 @@ def _size(n: float) -> str:
 
 
 class _OrbaxFailureFilter(logging.Filter):
-  """orbax logs a failed background save four times with tracebacks (absl); `check` reports it
-  once, with the original exception chained."""
+  """Drops orbax's error logs that carry a traceback (a failed background save is logged four
+  times); `check` reports the failure once, with the original exception chained."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     return not (record.levelno >= logging.ERROR and record.exc_info
@@ -355,9 +363,26 @@ class _OrbaxFailureFilter(logging.Filter):
 
 
 def _quiet_orbax_failures() -> None:
+  """Installs, once per process, the absl log filter above and an unraisable-exception hook
+  that drops tensorstore's late callbacks: when a save fails, each array write still pending
+  reports "Event loop is closed" (orbax closed its loop): one traceback per array."""
   absl_logger = logging.getLogger("absl")
   if not any(isinstance(f, _OrbaxFailureFilter) for f in absl_logger.filters):
     absl_logger.addFilter(_OrbaxFailureFilter())
+  if getattr(sys.unraisablehook, "lcjax_quiet", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    late = (unraisable.exc_type is RuntimeError
+            and str(unraisable.exc_value) == "Event loop is closed"
+            and any(frame.name == "call_soon_threadsafe"
+                    for frame in traceback.extract_tb(unraisable.exc_traceback)))
+    if not late:
+      previous(unraisable)
+
+  hook.lcjax_quiet = True
+  sys.unraisablehook = hook
 
 
 def _sync_processes(name: str) -> None:
