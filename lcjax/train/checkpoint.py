@@ -262,7 +262,7 @@ class Checkpointer:
     intact = [s for s, found in status.items() if found == []]
     needed = (f"{_size(manifest.size(self._step_dir(intact[-1])))} (the size of step "
               f"{intact[-1]})" if intact else f"{_size(self._state_bytes)} (the state's size)")
-    free = _size(shutil.disk_usage(_existing(self.directory)).free)
+    free = _size(shutil.disk_usage(self.directory).free)
     kept = ", ".join(f"step {s} ({_status(found)})" for s, found in status.items()) or "none"
     left = ("its directory is complete but unverified (its manifest could not be written)"
             if os.path.isdir(self._step_dir(step)) else
@@ -336,12 +336,6 @@ def _os_error(e: BaseException) -> str | None:
       return os.strerror(int(code.group(1)))
     e = e.__cause__ or e.__context__
   return None
-
-
-def _existing(path: str) -> str:
-  while not os.path.exists(path):
-    path = os.path.dirname(path)
-  return path
 
 
 def _size(n: float) -> str:
