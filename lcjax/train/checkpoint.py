@@ -36,9 +36,6 @@ from lcjax.errors import (CheckpointCorruptError, CheckpointError,  # noqa: F401
                           CheckpointMismatchError, CheckpointWriteError, ConfigError)
 from lcjax.train import manifest
 
-_SHOWN = 5  # differences listed in a message before "and N more"
-
-
 class Checkpointer:
 
   def __init__(self, workdir: str, every: int, keep: int, async_save: bool = True,
@@ -248,7 +245,7 @@ class Checkpointer:
                  if changes else "no gin binding changed (did the model code change?)")
     raise CheckpointMismatchError(
         f"Checkpoint step {step} in {self._step_dir(step)} is intact but holds a different "
-        f"model or optimizer state than the one configured now: {'; '.join(differences)}. "
+        f"model or optimizer state than the one configured now. {'. '.join(differences)}. "
         f"{changed[0].upper() + changed[1:]}. Nothing was restored or changed on disk. Fix: "
         f"set those bindings back (the config that wrote it is the \"gin\" text in "
         f"{config_file}), or train the new model in a new --workdir.")
@@ -286,19 +283,21 @@ class _ManifestedRename(ocp.path.atomicity.AtomicRenameTemporaryPath):
 
 
 def _array_differences(saved, abstract_state) -> list[str]:
-  """Paths missing, unexpected, or of another shape or dtype: `saved` (orbax tree metadata)
-  against `abstract_state`; parameters first, then the optimizer state, the first few."""
+  """What differs between `saved` (orbax tree metadata) and `abstract_state`, one line per kind
+  (missing, unexpected, changed shape or dtype), each naming the first few paths (parameters
+  before the optimizer state) and counting the rest."""
   have, want = _shapes(getattr(saved, "tree", saved)), _shapes(abstract_state)
-  found = []
-  for path in sorted(have.keys() | want.keys(), key=lambda p: (not p.startswith("params"), p)):
-    if path not in have:
-      found.append(f"{path} {_describe(want[path])} is not in the checkpoint")
-    elif path not in want:
-      found.append(f"{path} {_describe(have[path])} is in the checkpoint, not in the model")
-    elif have[path] != want[path]:
-      found.append(f"{path} is {_describe(have[path])} in the checkpoint, "
-                   f"{_describe(want[path])} now")
-  return _first(found)
+  paths = sorted(have.keys() | want.keys(), key=lambda p: (not p.startswith("params"), p))
+  kinds = {
+      "not in the checkpoint": [f"{p} {_describe(want[p])}" for p in paths if p not in have],
+      "in the checkpoint, not in the model": [
+          f"{p} {_describe(have[p])}" for p in paths if p not in want],
+      "changed (checkpoint -> now)": [
+          f"{p} {_describe(have[p])} -> {_describe(want[p])}"
+          for p in paths if p in have and p in want and have[p] != want[p]],
+  }
+  return [f"{len(found)} {kind}: {'; '.join(_first(found, 3))}"
+          for kind, found in kinds.items() if found]
 
 
 def _shapes(tree) -> dict[str, tuple[tuple, str]]:
@@ -315,8 +314,9 @@ def _describe(shape_dtype: tuple) -> str:
   return f"{dtype}{list(shape)}"
 
 
-def _first(items: list[str]) -> list[str]:
-  return items[:_SHOWN] + ([f"and {len(items) - _SHOWN} more"] if len(items) > _SHOWN else [])
+def _first(items: list[str], shown: int = 5) -> list[str]:
+  """The first `shown` of `items`, then "and N more"."""
+  return items[:shown] + ([f"and {len(items) - shown} more"] if len(items) > shown else [])
 
 
 def _status(problems: list[str] | None) -> str:

@@ -127,12 +127,12 @@ def test_a_changed_model_is_a_mismatch_naming_parameters_and_bindings(tmp_path):
   ckpt = _saved(tmp_path)
   wider = CONFIG.replace("d_model = 32", "d_model = 64") + "ModelConfig.new = True\n"
   for abstract, named in [
-      (_abstract(d_model=64), "params.embed is float32[96, 32] in the checkpoint, "
-                              "float32[96, 64] now"),
-      (_abstract(embed_dtype=jnp.bfloat16), "params.embed is float32[96, 32] in the checkpoint, "
-                                            "bfloat16[96, 32] now"),
+      (_abstract(d_model=64), "params.embed float32[96, 32] -> float32[96, 64]"),
+      (_abstract(embed_dtype=jnp.bfloat16), "params.embed float32[96, 32] -> bfloat16[96, 32]"),
       ({**_abstract(), "extra": jax.ShapeDtypeStruct((3,), jnp.float32)},
-       "extra float32[3] is not in the checkpoint")]:
+       "1 not in the checkpoint: extra float32[3]"),
+      ({k: v for k, v in _abstract().items() if k != "step"},
+       "1 in the checkpoint, not in the model: step int32[]")]:
     for on_corrupt in ("stop", "fallback"):  # a mismatch never falls back
       with pytest.raises(CheckpointMismatchError) as err:
         ckpt.restore_latest(abstract, wider, on_corrupt=on_corrupt)
