@@ -145,10 +145,11 @@ class Checkpointer:
     while os.path.exists(target):
       n += 1
       target = f"{base}.{n}"
+    _sync_processes(f"lcjax_quarantine_{step}_named")  # every process names the same target
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(target), exist_ok=True)
       shutil.move(self._step_dir(step), target)
-    _sync_processes(f"lcjax_quarantine_{step}")
+    _sync_processes(f"lcjax_quarantine_{step}_moved")
     self._manager.reload()
     return target
 
