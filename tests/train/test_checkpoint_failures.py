@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from lcjax.config import binding_changes
-from lcjax.errors import CheckpointCorruptError, CheckpointMismatchError, CheckpointWriteError
+from lcjax.errors import CheckpointCorruptError, CheckpointMismatchError
 from lcjax.train import manifest
 from lcjax.train.checkpoint import Checkpointer
 
@@ -173,7 +173,6 @@ def test_no_checkpoints_directory_is_created_when_create_is_false(tmp_path):
 
 _FAILING_SAVE = """
 import json, resource, signal, sys, time
-import jax
 from lcjax.errors import CheckpointWriteError
 from lcjax.train.checkpoint import Checkpointer
 from tests.train.test_checkpoint_failures import CONFIG, _state
