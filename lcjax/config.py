@@ -129,3 +129,39 @@ def check_positive(config, names: tuple[str, ...]) -> None:
     if getattr(config, name) < 1:
       raise ConfigError(
           f"{type(config).__name__}.{name} must be >= 1, got {getattr(config, name)}.")
+
+
+_BINDING_START = re.compile(r"^([A-Za-z_][\w./]*)\s*=\s*(.*)$")
+
+
+def _operative_bindings(text: str) -> dict[str, str]:
+  """{`Class.param` (or `scope/Class.param`, a macro): value} of an operative gin text.
+
+  A binding starts at column 0; the lines after it that are not comments or blank (indented,
+  after a trailing backslash, a closing bracket) continue its value. Values are compared with
+  their whitespace collapsed, so gin's line wrapping does not count as a change."""
+  found, name = {}, None
+  for line in text.splitlines():
+    start = _BINDING_START.match(line)
+    if start:
+      name = start.group(1)
+      found[name] = [start.group(2)]
+    elif name is not None and line.strip() and not line.startswith("#"):
+      found[name].append(line)
+  return {k: " ".join(" ".join(p.rstrip().removesuffix("\\") for p in v).split())
+          for k, v in found.items()}
+
+
+def binding_changes(old: str, new: str) -> list[str]:
+  """What differs between two operative gin texts (`gin.operative_config_str()`), one line a
+  binding in name order: "ModelConfig.d_model: 32 -> 64", "added X.y = v", "removed X.y = v"."""
+  before, after = _operative_bindings(old), _operative_bindings(new)
+  changes = []
+  for name in sorted(before.keys() | after.keys()):
+    if name not in after:
+      changes.append(f"removed {name} = {before[name]}")
+    elif name not in before:
+      changes.append(f"added {name} = {after[name]}")
+    elif before[name] != after[name]:
+      changes.append(f"{name}: {before[name]} -> {after[name]}")
+  return changes

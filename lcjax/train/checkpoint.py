@@ -1,35 +1,60 @@
-"""Checkpoints: an orbax CheckpointManager holding the train state and the data iterator.
+"""Checkpoints: an orbax CheckpointManager holding the train state, the data iterator and the
+run's operative gin config, with a checksum manifest per checkpoint.
 
-Layout: DIR/checkpoints/<step>/{state, data}. Saves are asynchronous (training continues while
-arrays are written) and atomic (orbax writes to a temporary directory and renames), so a
-crash mid-save never leaves a checkpoint that looks complete.
+Layout: DIR/checkpoints/<step>/{state, data, config, lcjax.sha256.json}. Saves are
+asynchronous (training continues while arrays are written) and atomic (orbax writes to
+<step>.orbax-checkpoint-tmp and renames), so a crash mid-save never leaves a checkpoint that
+looks complete. Right after the rename, still in orbax's background thread (process 0), the
+manifest (lcjax.train.manifest) records every file's size and sha256; the save counts as finished
+only then. A process killed between the rename and the manifest leaves a complete checkpoint
+without one: it restores with a printed warning that it is unverified.
+
+A restore tells three failures apart, each an lcjax.errors type:
+  - CheckpointCorruptError: a file differs from its manifest, is missing or unreadable.
+    `restore_latest(..., on_corrupt="fallback")` moves such a checkpoint to DIR/quarantine/
+    and resumes from the newest intact one.
+  - CheckpointMismatchError: the bytes are intact but the arrays (paths, shapes, dtypes) are
+    not the ones configured now; names the parameters and the gin bindings that changed.
+  - CheckpointWriteError (`check`, `wait`, `save`): a background save failed, e.g. a full disk.
 """
 
 import base64
+import glob
+import logging
 import os
+import re
+import shutil
+import sys
+import traceback
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-
-class CheckpointError(RuntimeError):
-  pass
-
+from lcjax.config import binding_changes
+from lcjax.errors import (CheckpointCorruptError, CheckpointError,  # noqa: F401 (re-exported)
+                          CheckpointMismatchError, CheckpointWriteError, ConfigError)
+from lcjax.train import manifest
 
 class Checkpointer:
 
-  def __init__(self, workdir: str, every: int, keep: int, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  def __init__(self, workdir: str, every: int, keep: int, async_save: bool = True,
+               create: bool = True):
+    """`create=False` (read-only users such as eval) creates nothing: a missing checkpoints
+    directory just has no steps."""
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, "checkpoints")
+    _quiet_orbax_failures()
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            save_interval_steps=every,
-            enable_async_checkpointing=async_save,
-            create=True,
-        ),
+            max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=async_save,
+            create=create, temporary_path_class=_ManifestedRename),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()},
     )
+    self._in_flight, self._state_bytes, self._failure_reported = None, 0, False
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -37,49 +62,328 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state, data_state: bytes, force: bool = False) -> bool:
-    """Saves if `step` is on the interval (or `force`); returns whether a save started.
+  def save(self, step: int, state, data_state: bytes, config: str, force: bool = False) -> bool:
+    """Saves if `step` is on the interval (or `force`); returns whether a save started. A step
+    already saved (or being saved) is not saved again: False, no error.
 
-    Every process's data-iterator state is kept (each reads its own share of the data); all
-    processes must call this together, as they must for the arrays.
+    `config` is the run's operative gin text, saved with the checkpoint. Every process's
+    data-iterator state is kept (each reads its own share of the data); all processes must call
+    this together, as they must for the arrays.
     """
-    if not (force or self._manager.should_save(step)):
+    if step in self._manager.all_steps() or not (force or self._manager.should_save(step)):
       return False
+    self.wait()  # a failed previous save is reported as itself, before this one starts
     data = {f"iterator_{i}": base64.b64encode(s).decode("ascii")
             for i, s in enumerate(_gather_bytes(data_state))}
-    return self._manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)),
-        force=force,
-    )
-
-  def restore(self, step: int, abstract_state) -> tuple[object, bytes]:
-    """Restores `step` into the shapes, dtypes and shardings of `abstract_state`."""
+    self._in_flight, self._failure_reported = step, False
+    self._state_bytes = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))
     try:
-      restored = self._manager.restore(
-          step,
-          args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
-      )
+      return self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
+          config=ocp.args.JsonSave({"gin": config})), force=force)
+    except Exception as e:
+      if _os_error(e) is None:
+        raise
+      raise self._write_failed(step, e) from e
+
+  def config_of(self, step: int) -> str | None:
+    """The operative gin text saved with checkpoint `step` (None: it holds none)."""
+    if not os.path.isdir(os.path.join(self._step_dir(step), "config")):
+      return None
+    restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return restored["config"]["gin"]
+
+  def restore(self, step: int, abstract_state, config: str) -> tuple[object, bytes]:
+    """(state, this process's data-iterator state) of checkpoint `step`, restored into the
+    shapes, dtypes and shardings of `abstract_state`. `config` is the current operative gin
+    text (named in a mismatch). Checks the manifest before reading any array."""
+    verified = self._verify(step)
+    try:
+      saved = self._manager.item_metadata(step)["state"]
+      if saved is None:
+        raise FileNotFoundError(f"no readable state item in {self._step_dir(step)}")
+    except Exception as e:  # orbax raises many types for unreadable metadata
+      raise self._unreadable(step, verified, e) from e
+    self._check_fits(step, saved, abstract_state, config)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
       data_state = base64.b64decode(restored["data"][f"iterator_{jax.process_index()}"])
-    except Exception as e:  # orbax raises many types for a damaged checkpoint
-      others = [s for s in self.all_steps() if s != step]
-      fallback = (
-          f"To fall back to an earlier checkpoint (available: {others}), move or delete "
-          f"{os.path.join(self.directory, str(step))} and start again; training resumes from "
-          f"the newest checkpoint left." if others else
-          f"No other checkpoint exists; move {self.directory} away to start from scratch.")
-      raise CheckpointError(
-          f"Could not restore checkpoint step {step} from {self.directory}: it is corrupt or "
-          f"incomplete ({type(e).__name__}: {str(e)[:300]}). {fallback}") from e
+    except Exception as e:
+      raise self._unreadable(step, verified, e) from e
     return restored["state"], data_state
 
+  def restore_latest(self, abstract_state, config: str,
+                     on_corrupt: str = "stop") -> tuple[object, bytes, int] | None:
+    """(state, data state, step) of the newest checkpoint, or None when there is none.
+
+    on_corrupt="stop": a damaged newest checkpoint raises CheckpointCorruptError. "fallback":
+    it is moved to DIR/quarantine/ (one printed line: which, why, where) and the next newest is
+    tried. A mismatch always raises: it is a configuration problem, not damage.
+    """
+    if on_corrupt not in ("stop", "fallback"):
+      raise ConfigError(f"TrainConfig.on_corrupt_checkpoint = {on_corrupt!r}: use 'stop' or "
+                        "'fallback'.")
+    for step in reversed(self.all_steps()):
+      try:
+        return (*self.restore(step, abstract_state, config), step)
+      except CheckpointCorruptError as e:
+        if on_corrupt == "stop":
+          raise
+        moved = self.quarantine(step, "corrupt")
+        print(f"Skipped damaged checkpoint step {step} ({e.damage}); moved it to {moved}.",
+              flush=True)
+    return None
+
+  def quarantine(self, step: int, reason: str) -> str:
+    """Moves checkpoint `step` to DIR/quarantine/<step>-<reason> (nothing is deleted; orbax no
+    longer sees it) and returns its new path."""
+    self.wait()
+    slug = re.sub(r"[^\w.-]+", "-", reason).strip("-") or "quarantined"
+    base = os.path.join(self.workdir, "quarantine", f"{step}-{slug}")
+    target, n = base, 1
+    while os.path.exists(target):
+      n += 1
+      target = f"{base}.{n}"
+    _sync_processes(f"lcjax_quarantine_{step}_named")  # every process names the same target
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(self._step_dir(step), target)
+    _sync_processes(f"lcjax_quarantine_{step}_moved")
+    self._manager.reload()
+    return target
+
+  def check(self) -> None:
+    """Raises CheckpointWriteError if a background save has failed; returns at once while one
+    is still being written. Cheap: call it after every train step."""
+    if not self._manager.is_saving_in_progress():
+      self.wait()
+
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until the background save is written; CheckpointWriteError if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      if self._failure_reported:
+        return
+      raise self._write_failed(self._in_flight, e) from e
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the background save (raising its failure unless `check`/`wait` already did)."""
+    try:
+      self.wait()
+    finally:
+      try:
+        self._manager.close()
+      except Exception:
+        if not self._failure_reported:
+          raise
+      if self._failure_reported:  # tensorstore may finish writes orbax gave up on after it
+        self._remove_tmp(self._in_flight)
+
+  # ---- Messages.
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _remove_tmp(self, step: int) -> None:
+    """Removes the temporary directory of a failed save of `step` (process 0)."""
+    if jax.process_index() == 0:
+      for tmp in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+  def _verify(self, step: int) -> bool:
+    """Checks `step`'s files against its manifest: True if verified, False (a warning printed)
+    when it has none; CheckpointCorruptError when a file differs."""
+    path = self._step_dir(step)
+    if not os.path.isdir(path):
+      raise CheckpointError(f"No checkpoint at step {step} in {self.directory} (available: "
+                            f"{self.all_steps()}).")
+    found = manifest.problems(path)
+    if found is None:
+      print(f"Warning: checkpoint step {step} ({path}) has no {manifest.NAME} (written before "
+            "lcjax kept one, or the run stopped while writing it): restoring it unverified.",
+            flush=True)
+      return False
+    if found:
+      raise self._corrupt(step, "; ".join(_first(found)))
+    return True
+
+  def _corrupt(self, step: int, damage: str) -> CheckpointCorruptError:
+    others = [s for s in self.all_steps() if s != step]
+    fallback = (f"the newest intact one of the other checkpoints ({others})" if others else
+                "step 0 (no other checkpoint exists)")
+    err = CheckpointCorruptError(
+        f"Checkpoint step {step} in {self._step_dir(step)} is damaged: {damage}. Nothing was "
+        f"restored from it. Set TrainConfig.on_corrupt_checkpoint = \"fallback\" to move it "
+        f"to {os.path.join(self.workdir, 'quarantine')}/ (kept for inspection) and resume from "
+        f"{fallback}.")
+    err.damage = damage
+    return err
+
+  def _unreadable(self, step: int, verified: bool, e: Exception) -> CheckpointError:
+    """orbax could not read checkpoint `step`: damage unless its manifest vouched for it."""
+    cause = f"{type(e).__name__}: {str(e)[:300]}"
+    if not verified:
+      return self._corrupt(step, f"orbax could not read it ({cause})")
+    return CheckpointError(
+        f"Checkpoint step {step} in {self._step_dir(step)} matches its checksums, but orbax "
+        f"could not restore it ({cause}). Nothing was changed on disk.")
+
+  def _check_fits(self, step: int, saved, abstract_state, config: str) -> None:
+    """CheckpointMismatchError when `step`'s arrays are not those of `abstract_state`."""
+    differences = _array_differences(saved, abstract_state)
+    if not differences:
+      return
+    old = self.config_of(step)
+    config_file = os.path.join(self._step_dir(step), "config", "metadata")
+    if old is None:
+      changed = (f"the checkpoint holds no config record; compare with the config*.gin files "
+                 f"in {self.workdir}")
+    else:
+      changes = binding_changes(old, config)
+      changed = ("gin bindings changed since it was written: " + "; ".join(_first(changes))
+                 if changes else "no gin binding changed (did the model code change?)")
+    raise CheckpointMismatchError(
+        f"Checkpoint step {step} in {self._step_dir(step)} is intact but holds a different "
+        f"model or optimizer state than the one configured now. {'. '.join(differences)}. "
+        f"{changed[0].upper() + changed[1:]}. Nothing was restored or changed on disk. Fix: "
+        f"set those bindings back (the config that wrote it is the \"gin\" text in "
+        f"{config_file}), or train the new model in a new --workdir.")
+
+  def _write_failed(self, step: int | None, e: Exception) -> CheckpointWriteError:
+    """Cleans up after the failed save of `step` and says what failed and what is intact."""
+    self._failure_reported = True
+    self._remove_tmp(step)
+    self._manager.reload()
+    status = {s: manifest.problems(self._step_dir(s)) for s in self.all_steps() if s != step}
+    intact = [s for s, found in status.items() if found == []]
+    needed = (f"{_size(manifest.size(self._step_dir(intact[-1])))} (the size of step "
+              f"{intact[-1]})" if intact else f"{_size(self._state_bytes)} (the state's size)")
+    free = _size(shutil.disk_usage(self.directory).free)
+    kept = ", ".join(f"step {s} ({_status(found)})" for s, found in status.items()) or "none"
+    left = ("its directory is complete but unverified (its manifest could not be written)"
+            if os.path.isdir(self._step_dir(step)) else
+            "nothing of it was kept (its temporary directory was removed)")
+    return CheckpointWriteError(
+        f"Saving checkpoint step {step} to {self._step_dir(step)} failed: "
+        f"{_os_error(e) or str(e)[:300]}; {left}. A checkpoint needs about {needed}; free now "
+        f"in {self.directory}: {free}. Earlier checkpoints: {kept}. Fix: free space there (or "
+        f"lift the limit named) and run the same command again; it resumes from the newest "
+        f"intact checkpoint.")
+
+
+class _ManifestedRename(ocp.path.atomicity.AtomicRenameTemporaryPath):
+  """orbax's atomic rename, then (same background thread, process 0) the step's manifest."""
+
+  async def finalize(self, *args, **kwargs):
+    await super().finalize(*args, **kwargs)
+    final = self.get_final()
+    if final.name.isdigit():  # the step directory, not one of its items
+      manifest.write(str(final))
+
+
+def _array_differences(saved, abstract_state) -> list[str]:
+  """What differs between `saved` (orbax tree metadata) and `abstract_state`, one line per kind
+  (missing, unexpected, changed shape or dtype), each naming the first few paths (parameters
+  before the optimizer state) and counting the rest."""
+  have, want = _shapes(getattr(saved, "tree", saved)), _shapes(abstract_state)
+  paths = sorted(have.keys() | want.keys(), key=lambda p: (not p.startswith("params"), p))
+  kinds = {
+      "not in the checkpoint": [f"{p} {_describe(want[p])}" for p in paths if p not in have],
+      "in the checkpoint, not in the model": [
+          f"{p} {_describe(have[p])}" for p in paths if p not in want],
+      "changed (checkpoint -> now)": [
+          f"{p} {_describe(have[p])} -> {_describe(want[p])}"
+          for p in paths if p in have and p in want and have[p] != want[p]],
+  }
+  return [f"{len(found)} {kind}: {'; '.join(_first(found, 3))}"
+          for kind, found in kinds.items() if found]
+
+
+def _shapes(tree) -> dict[str, tuple[tuple, str]]:
+  """{dotted path: (shape, dtype name)} of the array leaves of `tree`."""
+  leaves = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
+  return {".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                   for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+          for path, leaf in leaves}
+
+
+def _describe(shape_dtype: tuple) -> str:
+  shape, dtype = shape_dtype
+  return f"{dtype}{list(shape)}"
+
+
+def _first(items: list[str], shown: int = 5) -> list[str]:
+  """The first `shown` of `items`, then "and N more"."""
+  return items[:shown] + ([f"and {len(items) - shown} more"] if len(items) > shown else [])
+
+
+def _status(problems: list[str] | None) -> str:
+  if problems is None:
+    return "complete, no manifest: unverified"
+  return "intact, checksums verified" if not problems else f"damaged: {problems[0]}"
+
+
+def _os_error(e: BaseException) -> str | None:
+  """The operating-system error behind `e` ("File too large", "No space left on device"), if
+  any: an OSError in its chain, or tensorstore's os_error_code in its message."""
+  while e is not None:
+    if isinstance(e, OSError) and e.strerror:
+      return e.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(e))
+    if code:
+      return os.strerror(int(code.group(1)))
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _size(n: float) -> str:
+  if n < 1024:
+    return f"{n:.0f} bytes"
+  for unit in ("KiB", "MiB", "GiB", "TiB"):
+    n /= 1024
+    if n < 1024 or unit == "TiB":
+      return f"{n:.1f} {unit}"
+
+
+class _OrbaxFailureFilter(logging.Filter):
+  """Drops orbax's error logs that carry a traceback (a failed background save is logged four
+  times); `check` reports the failure once, with the original exception chained."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and record.exc_info
+                and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _quiet_orbax_failures() -> None:
+  """Installs, once per process, the absl log filter above and an unraisable-exception hook
+  that drops tensorstore's late callbacks: when a save fails, each array write still pending
+  reports "Event loop is closed" (orbax closed its loop): one traceback per array."""
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _OrbaxFailureFilter) for f in absl_logger.filters):
+    absl_logger.addFilter(_OrbaxFailureFilter())
+  if getattr(sys.unraisablehook, "lcjax_quiet", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    late = (unraisable.exc_type is RuntimeError
+            and str(unraisable.exc_value) == "Event loop is closed"
+            and any(frame.name == "call_soon_threadsafe"
+                    for frame in traceback.extract_tb(unraisable.exc_traceback)))
+    if not late:
+      previous(unraisable)
+
+  hook.lcjax_quiet = True
+  sys.unraisablehook = hook
+
+
+def _sync_processes(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def _gather_bytes(value: bytes) -> list[bytes]:
@@ -93,4 +397,3 @@ def _gather_bytes(value: bytes) -> list[bytes]:
   padded[:raw.size] = raw
   gathered = multihost_utils.process_allgather(padded)
   return [bytes(row[:int(n)]) for row, n in zip(gathered, lengths.reshape(-1))]
-
