@@ -23,6 +23,7 @@ flags.mark_flag_as_required("workdir")
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None) -> dict:
+  import gin
   import jax
 
   from lcjax.eval.evaluate import evaluate
@@ -31,9 +32,9 @@ def evaluate_checkpoint(workdir: str, step: int | None = None) -> dict:
   from lcjax.workdir import existing_workdir
 
   run = Run.from_gin()  # the bindings first, as lcjax.train checks them
-  existing_workdir(workdir)  # the Checkpointer would create a mistyped workdir
+  existing_workdir(workdir)
   setup = build(run)
-  ckpt = Checkpointer(workdir, every=1, keep=run.train.keep_checkpoints)
+  ckpt = Checkpointer(workdir, every=1, keep=run.train.keep_checkpoints, create=False)
   steps = ckpt.all_steps()
   step = ckpt.latest_step() if step is None else step
   if step is None or step not in steps:
@@ -43,7 +44,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None) -> dict:
     raise ConfigError(
         f"No checkpoint {'at step ' + str(step) + ' ' if step is not None else ''}in "
         f"{ckpt.directory} (available steps: {steps}); nothing was changed. {fix}")
-  state, _ = ckpt.restore(step, setup.abstract_state())
+  state, _ = ckpt.restore(step, setup.abstract_state(), gin.operative_config_str())
   ckpt.close()
   metrics = evaluate(setup.eval_step, state["params"], load_eval_batches(run))
   results = {"step": step, "checkpoint": os.path.join(ckpt.directory, str(step)), **metrics}

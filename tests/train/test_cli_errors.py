@@ -49,7 +49,7 @@ def _workdir_with_a_checkpoint(workdir: str, step: int) -> str:
   before it restores anything)."""
   from lcjax.train.checkpoint import Checkpointer
   ckpt = Checkpointer(workdir, every=1, keep=3, async_save=False)
-  ckpt.save(step, {"x": np.zeros(2, np.float32)}, b"iterator", force=True)
+  ckpt.save(step, {"x": np.zeros(2, np.float32)}, b"iterator", "", force=True)
   ckpt.close()
   return workdir
 
