@@ -11,7 +11,7 @@ without one: it restores with a printed warning that it is unverified.
 
 A restore tells three failures apart, each an lcjax.errors type:
   - CheckpointCorruptError: a file differs from its manifest, is missing or unreadable.
-    `restore_latest(..., on_corrupt="fallback")` moves such a checkpoint to DIR/quarantine/
+    `restore_latest(..., fallback=True)` moves such a checkpoint to DIR/quarantine/
     and resumes from the newest intact one.
   - CheckpointMismatchError: the bytes are intact but the arrays (paths, shapes, dtypes) are
     not the ones configured now; names the parameters and the gin bindings that changed.
@@ -33,8 +33,9 @@ import orbax.checkpoint as ocp
 
 from lcjax.config import binding_changes
 from lcjax.errors import (CheckpointCorruptError, CheckpointError,  # noqa: F401 (re-exported)
-                          CheckpointMismatchError, CheckpointWriteError, ConfigError)
+                          CheckpointMismatchError, CheckpointWriteError)
 from lcjax.train import manifest
+
 
 class Checkpointer:
 
@@ -114,21 +115,17 @@ class Checkpointer:
     return restored["state"], data_state
 
   def restore_latest(self, abstract_state, config: str,
-                     on_corrupt: str = "stop") -> tuple[object, bytes, int] | None:
+                     fallback: bool = False) -> tuple[object, bytes, int] | None:
     """(state, data state, step) of the newest checkpoint, or None when there is none.
 
-    on_corrupt="stop": a damaged newest checkpoint raises CheckpointCorruptError. "fallback":
-    it is moved to DIR/quarantine/ (one printed line: which, why, where) and the next newest is
+    A damaged newest checkpoint raises CheckpointCorruptError; with `fallback`, it is moved to DIR/quarantine/ (one printed line: which, why, where) and the next newest is
     tried. A mismatch always raises: it is a configuration problem, not damage.
     """
-    if on_corrupt not in ("stop", "fallback"):
-      raise ConfigError(f"TrainConfig.on_corrupt_checkpoint = {on_corrupt!r}: use 'stop' or "
-                        "'fallback'.")
     for step in reversed(self.all_steps()):
       try:
         return (*self.restore(step, abstract_state, config), step)
       except CheckpointCorruptError as e:
-        if on_corrupt == "stop":
+        if not fallback:
           raise
         moved = self.quarantine(step, "corrupt")
         print(f"Skipped damaged checkpoint step {step} ({e.damage}); moved it to {moved}.",

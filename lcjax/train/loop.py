@@ -122,7 +122,7 @@ def _restore_or_init(run: Run, setup: Setup, ckpt: Checkpointer, data,
   if latest is not None:
     _check_same_length(ckpt, latest, config)
   restored = ckpt.restore_latest(setup.abstract_state(), config,
-                                 on_corrupt=run.train.on_corrupt_checkpoint)
+                                 fallback=run.train.on_corrupt_checkpoint == "fallback")
   if restored is None:
     return train_state.init_state(run.model, run.train.seed, setup.optimizer,
                                   setup.shardings), 0

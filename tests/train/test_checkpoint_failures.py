@@ -133,9 +133,9 @@ def test_a_changed_model_is_a_mismatch_naming_parameters_and_bindings(tmp_path):
        "1 not in the checkpoint: extra float32[3]"),
       ({k: v for k, v in _abstract().items() if k != "step"},
        "1 in the checkpoint, not in the model: step int32[]")]:
-    for on_corrupt in ("stop", "fallback"):  # a mismatch never falls back
+    for fallback in (False, True):  # a mismatch never falls back
       with pytest.raises(CheckpointMismatchError) as err:
-        ckpt.restore_latest(abstract, wider, on_corrupt=on_corrupt)
+        ckpt.restore_latest(abstract, wider, fallback=fallback)
       message = str(err.value)
       assert named in message and "is intact" in message, message
       assert "ModelConfig.d_model: 32 -> 64" in message, message
@@ -152,7 +152,7 @@ def test_fallback_sets_the_damaged_newest_aside(tmp_path, capsys):
   _damage(os.path.join(ckpt.directory, "4", "data", "metadata"), "flip")
   with pytest.raises(CheckpointCorruptError, match="step 4"):
     ckpt.restore_latest(_abstract(), CONFIG)
-  state, data_state, step = ckpt.restore_latest(_abstract(), CONFIG, on_corrupt="fallback")
+  state, data_state, step = ckpt.restore_latest(_abstract(), CONFIG, fallback=True)
   assert (step, data_state) == (2, b"iterator at 2")
   np.testing.assert_array_equal(state["params"]["embed"], _state()["params"]["embed"])
   moved = str(tmp_path / "quarantine" / "4-corrupt")
