@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import sys
+import time
 import traceback
 
 import jax
@@ -56,6 +57,8 @@ class Checkpointer:
                        "config": ocp.JsonCheckpointHandler()},
     )
     self._in_flight, self._state_bytes, self._failure_reported = None, 0, False
+    if create:  # an unfinished save of a killed run is never resumed from: drop its files
+      self._remove_tmp("*")
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -175,19 +178,30 @@ class Checkpointer:
       except Exception:
         if not self._failure_reported:
           raise
-      if self._failure_reported:  # tensorstore may finish writes orbax gave up on after it
-        self._remove_tmp(self._in_flight)
+      if self._failure_reported:
+        self._remove_tmp(self._in_flight, settle=True)
 
   # ---- Messages.
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def _remove_tmp(self, step: int) -> None:
-    """Removes the temporary directory of a failed save of `step` (process 0)."""
-    if jax.process_index() == 0:
-      for tmp in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+  def _remove_tmp(self, step: int | str, settle: bool = False) -> None:
+    """Removes the temporary directories of a failed save of `step` ("*": of any save, left by
+    a killed process) on process 0. `settle`: tensorstore finishes writes that orbax gave up
+    on in its own threads, re-creating files; remove until none reappears for 0.2 s (2 s at
+    most)."""
+    if jax.process_index() != 0:
+      return
+    pattern = os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")
+    for _ in range(10 if settle else 1):
+      for tmp in glob.glob(pattern):
         shutil.rmtree(tmp, ignore_errors=True)
+      if not settle:
+        return
+      time.sleep(0.2)
+      if not glob.glob(pattern):
+        return
 
   def _verify(self, step: int) -> bool:
     """Checks `step`'s files against its manifest: True if verified, False (a warning printed)
@@ -346,21 +360,25 @@ def _size(n: float) -> str:
 
 
 class _OrbaxFailureFilter(logging.Filter):
-  """Drops orbax's error logs that carry a traceback (a failed background save is logged four
-  times); `check` reports the failure once, with the original exception chained."""
+  """Drops error logs whose traceback comes from orbax: a failed background save is logged four
+  times by orbax, and once per pending array write by asyncio ("Task exception was never
+  retrieved"); `check` reports the failure once, with the original exception chained."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno >= logging.ERROR and record.exc_info
-                and f"{os.sep}orbax{os.sep}" in record.pathname)
+    if record.levelno < logging.ERROR or not record.exc_info:
+      return True
+    orbax = f"{os.sep}orbax{os.sep}"
+    frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info[2] else []
+    return not (orbax in record.pathname or any(orbax in f.filename for f in frames))
 
 
 def _quiet_orbax_failures() -> None:
-  """Installs, once per process, the absl log filter above and an unraisable-exception hook
+  """Installs, once per process, the log filter above and an unraisable-exception hook
   that drops tensorstore's late callbacks: when a save fails, each array write still pending
   reports "Event loop is closed" (orbax closed its loop): one traceback per array."""
-  absl_logger = logging.getLogger("absl")
-  if not any(isinstance(f, _OrbaxFailureFilter) for f in absl_logger.filters):
-    absl_logger.addFilter(_OrbaxFailureFilter())
+  for logger in (logging.getLogger("absl"), logging.getLogger("asyncio")):
+    if not any(isinstance(f, _OrbaxFailureFilter) for f in logger.filters):
+      logger.addFilter(_OrbaxFailureFilter())
   if getattr(sys.unraisablehook, "lcjax_quiet", False):
     return
   previous = sys.unraisablehook

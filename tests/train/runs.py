@@ -52,11 +52,11 @@ def train_in_process(workdir, extra_bindings):
     gin.clear_config()
 
 
-def start_cli(workdir, extra_bindings) -> subprocess.Popen:
+def start_cli(workdir, extra_bindings, preexec_fn=None) -> subprocess.Popen:
   cmd = [sys.executable, "-m", "lcjax.train", f"--gin_file={DEMO_GIN}", f"--workdir={workdir}"]
   cmd += [f"--gin_bindings={b}" for b in extra_bindings]
   return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=os.environ.copy())
+                          text=True, env=os.environ.copy(), preexec_fn=preexec_fn)
 
 
 def wait_for_step(workdir, proc, step, timeout=300.0) -> int:

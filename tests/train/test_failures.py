@@ -8,8 +8,10 @@ import glob
 import math
 import os
 import re
+import resource
 import shutil
 import signal
+import time
 
 import pytest
 
@@ -154,3 +156,31 @@ def test_resume_replaces_replayed_metrics_and_purges_tensorboard(tmp_path):
           seen[event.step] = seen.get(event.step, 0) + 1
   assert seen == {1: 1, 2: 1, 3: 1, 4: 1}
   assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["step"] == 4
+
+
+def test_full_disk_stops_at_the_next_step_with_one_message(tmp_path):
+  """After the step-2 checkpoint, files may no longer grow past 16 KiB (RLIMIT_FSIZE, set from
+  outside on the running process: a write past it fails with EFBIG as a full disk fails with
+  ENOSPC). The step-4 checkpoint's arrays do not fit; the metrics files still do."""
+  common = bindings(TrainConfig__steps=40, TrainConfig__checkpoint_every=2,
+                    TrainConfig__eval_every=1000, TrainConfig__keep_checkpoints=5)
+  # Ignored dispositions survive exec: past the limit, writes fail instead of killing the process.
+  proc = start_cli(tmp_path, common,
+                   preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN))
+  wait_for_step(tmp_path, proc, 2)
+  while _checkpoints(tmp_path) != [2] or not os.path.exists(
+      tmp_path / "checkpoints" / "2" / "lcjax.sha256.json"):
+    time.sleep(0.01)
+  resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (16384, resource.RLIM_INFINITY))
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 1, out
+  assert "Traceback" not in out, out
+  error = [line for line in out.splitlines() if line.startswith("Error:")]
+  assert len(error) == 1 and "File too large" in error[0], out
+  failed = int(re.search(r"Saving checkpoint step (\d+)", error[0]).group(1))
+  assert "step 2 (intact, checksums verified)" in error[0]
+  assert max(train_losses(tmp_path)) <= failed + 1  # it stopped at the step after the save
+  assert os.listdir(tmp_path / "checkpoints") == ["2"]  # no *.orbax-checkpoint-tmp left
+
+  summary = train_in_process(tmp_path, common)  # space is back: resume from step 2
+  assert summary["step"] == 40 and train_steps(tmp_path) == list(range(1, 41))
