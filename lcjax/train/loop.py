@@ -118,15 +118,13 @@ def _unused(workdir: str, stem: str, suffix: str, content: str) -> str:
 def _restore_or_init(run: Run, setup: Setup, ckpt: Checkpointer, data,
                      config: str) -> tuple[dict, int]:
   """(state, step): the newest checkpoint's (the data iterator's position too), else fresh."""
-  latest = ckpt.latest_step()
-  if latest is not None:
-    _check_same_length(ckpt, latest, config)
   restored = ckpt.restore_latest(setup.abstract_state(), config,
                                  fallback=run.train.on_corrupt_checkpoint == "fallback")
   if restored is None:
     return train_state.init_state(run.model, run.train.seed, setup.optimizer,
                                   setup.shardings), 0
   state, data_state, start = restored
+  _check_same_length(ckpt, start, config)  # its files are verified by now
   data.restore(data_state)
   print(f"Resumed from {ckpt.directory}/{start}")
   return state, start
