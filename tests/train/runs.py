@@ -52,11 +52,17 @@ def train_in_process(workdir, extra_bindings):
     gin.clear_config()
 
 
-def start_cli(workdir, extra_bindings, preexec_fn=None) -> subprocess.Popen:
-  cmd = [sys.executable, "-m", "lcjax.train", f"--gin_file={DEMO_GIN}", f"--workdir={workdir}"]
-  cmd += [f"--gin_bindings={b}" for b in extra_bindings]
+# Runs `python ARGS` with SIGXFSZ ignored (a disposition exec keeps): a write past the file-size
+# limit then fails with EFBIG, as one on a full disk fails with ENOSPC, instead of killing it.
+IGNORING_SIGXFSZ = ("-c", "import os, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+
+
+def start_cli(workdir, extra_bindings, launcher=()) -> subprocess.Popen:
+  cmd = [sys.executable, *launcher, "-m", "lcjax.train", f"--gin_file={DEMO_GIN}",
+         f"--workdir={workdir}", *(f"--gin_bindings={b}" for b in extra_bindings)]
   return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=os.environ.copy(), preexec_fn=preexec_fn)
+                          text=True, env=os.environ.copy())
 
 
 def wait_for_step(workdir, proc, step, timeout=300.0) -> int:

@@ -19,9 +19,7 @@ import os
 import signal
 import time
 
-import jax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from tests.train.runs import bindings, read_jsonl, start_cli, train_in_process
 
@@ -38,24 +36,6 @@ EXACT = ("loss", "grad_norm", "lr")  # deterministic; throughput metrics are tim
 DELAY = {"write": 0.05, "cleanup": 0.005, "step": 0.05}
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def shared_compile_cache(tmp_path_factory):
-  """Every run here compiles the same programs: the first run compiles them, the later ones (CLIs
-  and in-process resumes) load them from a persistent cache, a third of a run's CPU time."""
-  settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("compile_cache")),
-              "jax_persistent_cache_min_compile_time_secs": 0.0}
-  previous = {k: getattr(jax.config, k) for k in settings}
-  with pytest.MonkeyPatch.context() as env:
-    for k, v in settings.items():
-      env.setenv(k.upper(), str(v))  # what the CLIs read
-      jax.config.update(k, v)
-    compilation_cache.reset_cache()  # jax decides once per process whether to use a cache
-    yield
-  for k, v in previous.items():
-    jax.config.update(k, v)
-  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from lcjax.errors import (
   NonFiniteLossError,
 )
 from tests.train.runs import (
+  IGNORING_SIGXFSZ,
   bindings,
   read_jsonl,
   start_cli,
@@ -152,9 +153,7 @@ def test_full_disk_stops_at_the_next_step_with_one_message(tmp_path):
   ENOSPC). The step-4 checkpoint's arrays do not fit; the metrics files still do."""
   common = bindings(TrainConfig__steps=40, TrainConfig__checkpoint_every=2,
                     TrainConfig__eval_every=1000, TrainConfig__keep_checkpoints=5)
-  # Ignored dispositions survive exec: past the limit, writes fail instead of killing the process.
-  proc = start_cli(tmp_path, common,
-                   preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN))
+  proc = start_cli(tmp_path, common, launcher=IGNORING_SIGXFSZ)
   wait_for_step(tmp_path, proc, 2)
   while _checkpoints(tmp_path) != [2] or not os.path.exists(
       tmp_path / "checkpoints" / "2" / "lcjax.sha256.json"):
