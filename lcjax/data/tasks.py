@@ -214,7 +214,8 @@ def register_tasks(cfg) -> None:
 
   features = output_features(cfg)
   seqio.MixtureRegistry.remove(DEMO)
-  register_task(SHAKESPEARE, shakespeare_source(cfg), [], features, answers=False)  # the source tokenizes
+  # The source tokenizes: no preprocessors.
+  register_task(SHAKESPEARE, shakespeare_source(cfg), [], features, answers=False)
   register_task(PASSKEY, gather_source(passkey_split), tokenize(eos_loss=True), features,
                 answers=True)
   register_task(MQAR, gather_source(mqar_split), tokenize(eos_loss=False), features,

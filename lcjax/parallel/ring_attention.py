@@ -20,8 +20,8 @@ the work; zigzag and striped give every device about the same amount. The mask c
 
 The per-block work is a kernel of `lcjax.kernels` that returns the log-sum-exp: `blockwise`
 (plain JAX, any backend) or `pallas` (the Pallas flash kernel; interpret mode on CPU), picked by
-`kernel` (the model passes its `AttentionConfig.impl`: "pallas" selects the kernel, anything else the
-blockwise path).
+`kernel` (the model passes its `AttentionConfig.impl`: "pallas" selects the kernel, anything
+else the blockwise path).
 
 `ring_attention_shard` and `allgather_attention_shard` run inside `jax.shard_map`;
 `sequence_attention` wraps them for global arrays.

@@ -121,8 +121,9 @@ class Checkpointer:
                      fallback: bool = False) -> tuple[object, bytes, int] | None:
     """(state, data state, step) of the newest checkpoint, or None when there is none.
 
-    A damaged newest checkpoint raises CheckpointCorruptError; with `fallback`, it is moved to DIR/quarantine/ (one printed line: which, why, where) and the next newest is
-    tried. A mismatch always raises: it is a configuration problem, not damage.
+    A damaged newest checkpoint raises CheckpointCorruptError; with `fallback`, it is moved to
+    DIR/quarantine/ (one printed line: which, why, where) and the next newest is tried. A
+    mismatch always raises: it is a configuration problem, not damage.
     """
     for step in reversed(self.all_steps()):
       try:
