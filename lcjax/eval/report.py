@@ -1,0 +1,280 @@
+"""An evaluation's files: results.json, one CSV per probe, one PNG per probe and report.md.
+
+The results dict (what the suite produces; plain JSON values):
+  {"model": label, "step": int, "checkpoint": path, "train_length": int or None,
+   "probes": {name: {"protocol": "generate" | "teacher_forced", "metric": str,
+                     "plot": "heatmap" | "lines" | "curve" | None,
+                     "x": column, "y": column (heatmap), "series": column or None,
+                     "rows": [{column: value, ...}, ...]}}}
+Rows hold "score" in [0, 1] (higher is better), or "loss" in nats per token for "curve"
+probes (lower is better); "n" or "tokens" weigh rows when they are averaged. Extra row
+columns are kept in the CSV. Nothing here depends on a probe's name.
+"""
+
+import csv
+import json
+import math
+import os
+import re
+from typing import Sequence
+
+import numpy as np
+
+from lcjax.eval import plots
+
+RESULTS = "results.json"
+REPORT = "report.md"
+PROBE_KEYS = ("plot", "x", "rows")  # what every probe must hold ("y" too for heatmaps)
+
+PROTOCOLS = {
+    "generate": "generated: greedy decoding with the caches from the prompt; the generated "
+                "text is scored",
+    "teacher_forced": "teacher-forced: each answer token is predicted from the true previous "
+                      "tokens in one forward pass",
+}
+METRICS = {
+    "string_match_all": "the fraction of expected strings found in the output (higher is "
+                        "better)",
+    "string_match_part": "whether any expected string is found in the output (higher is "
+                         "better)",
+    "exact_match": "the fraction of answers exactly right (higher is better)",
+    "loss": "mean cross-entropy in nats per token (lower is better; perplexity = exp(loss))",
+}
+
+
+def results_problems(results) -> list[str]:
+  """What makes `results` unusable as a results dict (empty when nothing)."""
+  if not isinstance(results, dict):
+    return [f"the top level is a {type(results).__name__}, not an object"]
+  probes = results.get("probes")
+  if not isinstance(probes, dict):
+    return ['"probes" (an object of probe name -> probe) is missing' if probes is None
+            else f'"probes" is a {type(probes).__name__}, not an object']
+  problems = []
+  for name, probe in probes.items():
+    if not isinstance(probe, dict):
+      problems.append(f'probe "{name}" is a {type(probe).__name__}, not an object')
+      continue
+    missing = [k for k in PROBE_KEYS if k not in probe]
+    if probe.get("plot") == "heatmap" and "y" not in probe:
+      missing.append("y")
+    if missing:
+      problems.append(f'probe "{name}" lacks {", ".join(missing)}')
+    elif not isinstance(probe["rows"], list):
+      problems.append(f'probe "{name}": "rows" is not a list')
+  return problems
+
+
+def _check(results, source: str) -> None:
+  problems = results_problems(results)
+  if problems:
+    raise ValueError(f"{source} is not an evaluation results file: {'; '.join(problems)}.")
+
+
+def load_results(path: str) -> dict:
+  """The results dict of a results.json, or of the one in directory `path`. Raises ValueError
+  naming the path and what is missing or malformed."""
+  file = os.path.join(path, RESULTS) if os.path.isdir(path) else path
+  if not os.path.isfile(file):
+    where = f"{path} is a directory without {RESULTS}" if os.path.isdir(path) else (
+        f"{path} does not exist")
+    raise ValueError(f"No evaluation results at {path}: {where}. Give a {RESULTS} or the "
+                     "directory an evaluation wrote its results to.")
+  try:
+    with open(file, encoding="utf-8") as f:
+      results = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{file} is not valid JSON ({e}); it is not an evaluation results "
+                     "file.") from e
+  _check(results, file)
+  return results
+
+
+def _plain(value):
+  """json.dump's fallback for numpy scalars and arrays."""
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def file_stem(name: str) -> str:
+  """A probe name as a file name (anything but letters, digits, '.', '-' and '_' -> '_')."""
+  return re.sub(r"[^\w.-]+", "_", name)
+
+
+def write_results(out_dir: str, results: dict) -> list[str]:
+  """out_dir/results.json (indent 2) and out_dir/<probe>.csv per probe (columns: the union of
+  the rows' keys in first-seen order; "ppl" = exp(loss) added for curves). Returns the paths."""
+  _check(results, "results")
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, RESULTS)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=2, default=_plain)
+    f.write("\n")
+  written = [path]
+  for name, probe in results["probes"].items():
+    rows = [dict(row) for row in probe["rows"]]
+    if probe["plot"] == "curve":
+      for row in rows:
+        if "ppl" not in row and row.get("loss") is not None:
+          row["ppl"] = float(plots.perplexity(float(row["loss"])))
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    path = os.path.join(out_dir, file_stem(name) + ".csv")
+    with open(path, "w", newline="", encoding="utf-8") as f:
+      writer = csv.DictWriter(f, fieldnames=columns, restval="")
+      writer.writeheader()
+      writer.writerows(rows)
+    written.append(path)
+  return written
+
+
+def _labels(all_results: Sequence[dict]) -> list[str]:
+  """Legend labels: each results' "model", made unique with its step (then its index)."""
+  labels = [str(r.get("model") or f"model {i}") for i, r in enumerate(all_results)]
+  for i, r in enumerate(all_results):
+    if labels.count(labels[i]) > 1 and r.get("step") is not None:
+      labels[i] = f"{labels[i]} @{r['step']}"
+  return [f"{label} #{i}" if labels.count(label) > 1 else label
+          for i, label in enumerate(labels)]
+
+
+def _probe_names(models: Sequence[tuple[str, dict]]) -> list[str]:
+  """Every probe of any model: the evaluated model's in its order, then the others'."""
+  return list(dict.fromkeys(n for _, r in models for n in r["probes"]))
+
+
+def _column_key(probe: dict):
+  """The summary's columns: lengths wherever the probe varies the length, else its x."""
+  axes = (probe.get("x"), probe.get("y"), probe.get("series"))
+  return "length" if "length" in axes else probe.get("x")
+
+
+def _row_key(probe: dict, column):
+  """The series that gets its own summary row: only for "lines" (a curve's series is the
+  column; a heatmap's y is averaged over)."""
+  series = probe.get("series")
+  return series if probe.get("plot") == "lines" and series not in (None, column) else None
+
+
+def _cell(value, key: str) -> str:
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return "-"
+  return f"{value:.3g}" if key == "loss" else f"{value:.2f}"
+
+
+def _md(text) -> str:
+  return str(text).replace("|", "\\|")
+
+
+def summary_tables(models: Sequence[tuple[str, dict]]) -> list[str]:
+  """Markdown tables, one per column key ("length" first): a row per probe (and series value
+  for "lines") and model; a column per value of the key, then "all"; the mean score (mean loss
+  for curves) in each."""
+  names = _probe_names(models)
+  groups: dict = {}  # column key -> [(probe name, label, probe)]
+  for name in names:
+    for label, results in models:
+      if name in results["probes"]:
+        probe = results["probes"][name]
+        groups.setdefault(_column_key(probe), []).append((name, label, probe))
+  tables = []
+  for column in sorted(groups, key=lambda c: (c != "length", str(c))):
+    entries = groups[column]
+    values = plots.sort_values(row.get(column) for _, _, p in entries for row in p["rows"]
+                               if row.get(column) is not None)
+    head = ["probe"] + (["model"] if len(models) > 1 else []) + ["metric"]
+    head += [plots.format_value(v) for v in values] + ["all"]
+    lines = [f"By {column}:", "", "| " + " | ".join(map(_md, head)) + " |",
+             "|" + "---|" * len(head)]
+    for name, label, probe in entries:
+      key, series = plots.value_key(probe), _row_key(probe, column)
+      cells = plots.group_means(probe["rows"], (series, column), key)
+      overall = plots.group_means(probe["rows"], (series,), key)
+      for s in plots.sort_values(g[0] for g in overall):
+        row = [name + (f" · {series}={plots.format_value(s)}" if series else "")]
+        row += ([label] if len(models) > 1 else []) + [probe.get("metric", key)]
+        row += [_cell(cells.get((s, v)), key) for v in values] + [_cell(overall[(s,)], key)]
+        lines.append("| " + " | ".join(map(_md, row)) + " |")
+    tables.append("\n".join(lines))
+  return tables
+
+
+def _header(models: Sequence[tuple[str, dict]]) -> list[str]:
+  main = models[0][1]
+  step = f" (step {main['step']})" if main.get("step") is not None else ""
+  lines = [f"# Evaluation report: {models[0][0]}{step}", "",
+           "| | model | step | checkpoint | train length |", "|---|---|---|---|---|"]
+  for i, (label, r) in enumerate(models):
+    cells = ["evaluated" if i == 0 else "compared", label] + [
+        "-" if r.get(k) is None else r[k] for k in ("step", "checkpoint", "train_length")]
+    lines.append("| " + " | ".join(map(_md, cells)) + " |")
+  return lines
+
+
+def _section(out_dir: str, name: str, probe: dict, label: str, png: str | None, *,
+             csv: bool) -> list[str]:
+  """A probe's section: protocol and metric in words, its plot (png: the path written, if any)
+  and its CSV (csv: the probe is the evaluated model's, so write_results writes it)."""
+  protocol, metric = probe.get("protocol", "?"), probe.get("metric", plots.value_key(probe))
+  axes = ", ".join(f"{k} = {probe[k]}" for k in ("x", "y", "series") if probe.get(k))
+  lines = [f"## {name}", "",
+           f"- Protocol: `{protocol}`, {PROTOCOLS.get(protocol, 'as the probe defines it')}.",
+           f"- Metric: `{metric}`, {METRICS.get(metric, 'as the probe defines it')}.",
+           f"- Plot: {probe.get('plot')} ({axes}); {len(probe['rows'])} rows for {label}.", ""]
+  stem = file_stem(name)
+  if png is not None:
+    lines += [f"![{name}]({os.path.basename(png)})", ""]
+  if csv and os.path.exists(os.path.join(out_dir, stem + ".csv")):
+    lines += [f"Rows of {label}: [{stem}.csv]({stem}.csv)", ""]
+  return lines
+
+
+def write_plots(out_dir: str, models: Sequence[tuple[str, dict]]) -> list[str]:
+  """out_dir/<probe>.png for each probe whose "plot" kind is known, drawing every model that
+  has the probe. Returns the paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  for name in _probe_names(models):
+    have = [(label, r) for label, r in models if name in r["probes"]]
+    draw = plots.PLOTS.get(have[0][1]["probes"][name]["plot"])
+    if draw is None:
+      continue
+    path = os.path.join(out_dir, file_stem(name) + ".png")
+    draw(path, [(label, r["probes"][name]) for label, r in have], name=name,
+         train_length=[r.get("train_length") for _, r in have])
+    written.append(path)
+  return written
+
+
+def write_report(out_dir: str, results: dict, compare: Sequence[dict] = ()) -> list[str]:
+  """The PNGs (every plot draws `results` and each of `compare`) and out_dir/report.md: a
+  header, the summary tables, one section per probe. report.md links only files that exist
+  (the CSVs and results.json when write_results ran first). Returns every path written."""
+  for i, r in enumerate([results, *compare]):
+    _check(r, "results" if i == 0 else f"compare[{i - 1}]")
+  all_results = [results, *compare]
+  models = list(zip(_labels(all_results), all_results))
+  written = write_plots(out_dir, models)
+  lines = _header(models) + [""]
+  if os.path.exists(os.path.join(out_dir, RESULTS)):
+    lines += [f"All results: [{RESULTS}]({RESULTS})", ""]
+  lines += ["## Summary", ""]
+  for table in summary_tables(models):
+    lines += [table, ""]
+  for name in _probe_names(models):
+    # the probe as the evaluated model has it; else the first compared model with it
+    label, owner = next((label, r) for label, r in models if name in r["probes"])
+    png = os.path.join(out_dir, file_stem(name) + ".png")
+    lines += _section(out_dir, name, owner["probes"][name], label,
+                      png if png in written else None, csv=owner is results)
+  path = os.path.join(out_dir, REPORT)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines).rstrip() + "\n")
+  return written + [path]
+
+
+def write_all(out_dir: str, results: dict, compare: Sequence[dict] = ()) -> list[str]:
+  """write_results then write_report (so that report.md links the CSVs and results.json)."""
+  return write_results(out_dir, results) + write_report(out_dir, results, compare)
