@@ -48,12 +48,15 @@ def group_means(rows: Sequence[dict], keys: Sequence[str | None], value: str) ->
   return {g: (t / w if w else math.nan) for g, (t, w) in sums.items()}
 
 
+def sort_key(value) -> tuple:
+  """Orders numbers by value first, then anything else (strings, None) by its text."""
+  number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  return (0, value, "") if number else (1, 0, str(value))
+
+
 def sort_values(values) -> list:
-  """Distinct values sorted: numbers by value first, then anything else by its text."""
-  def key(v):
-    number = isinstance(v, (int, float)) and not isinstance(v, bool)
-    return (0, v, "") if number else (1, 0, str(v))
-  return sorted(set(values), key=key)
+  """Distinct values in sort_key order."""
+  return sorted(set(values), key=sort_key)
 
 
 def format_value(v) -> str:

@@ -29,8 +29,8 @@ PROBE_KEYS = ("plot", "x", "rows")  # what every probe must hold ("y" too for he
 PROTOCOLS = {
     "generate": "generated: greedy decoding with the caches from the prompt; the generated "
                 "text is scored",
-    "teacher_forced": "teacher-forced: each answer token is predicted from the true previous "
-                      "tokens in one forward pass",
+    "teacher_forced": "teacher-forced: each scored token is predicted from the true previous "
+                      "tokens in one forward pass, nothing is generated",
 }
 METRICS = {
     "string_match_all": "the fraction of expected strings found in the output (higher is "
@@ -158,10 +158,10 @@ def _row_key(probe: dict, column):
   return series if probe.get("plot") == "lines" and series not in (None, column) else None
 
 
-def _cell(value, key: str) -> str:
+def _cell(value) -> str:
   if value is None or (isinstance(value, float) and math.isnan(value)):
     return "-"
-  return f"{value:.3g}" if key == "loss" else f"{value:.2f}"
+  return f"{value:.2f}"
 
 
 def _md(text) -> str:
@@ -170,33 +170,35 @@ def _md(text) -> str:
 
 def summary_tables(models: Sequence[tuple[str, dict]]) -> list[str]:
   """Markdown tables, one per column key ("length" first): a row per probe (and series value
-  for "lines") and model; a column per value of the key, then "all"; the mean score (mean loss
-  for curves) in each."""
-  names = _probe_names(models)
-  groups: dict = {}  # column key -> [(probe name, label, probe)]
-  for name in names:
-    for label, results in models:
+  for "lines") and model, the models of one probe and series next to each other; a column
+  per value of the key, then "all"; the mean score (mean loss for curves) in each."""
+  groups: dict = {}  # column key -> [(probe index, model index, probe name, label, probe)]
+  for p, name in enumerate(_probe_names(models)):
+    for m, (label, results) in enumerate(models):
       if name in results["probes"]:
         probe = results["probes"][name]
-        groups.setdefault(_column_key(probe), []).append((name, label, probe))
+        groups.setdefault(_column_key(probe), []).append((p, m, name, label, probe))
   tables = []
   for column in sorted(groups, key=lambda c: (c != "length", str(c))):
     entries = groups[column]
-    values = plots.sort_values(row.get(column) for _, _, p in entries for row in p["rows"]
+    values = plots.sort_values(row.get(column) for *_, probe in entries for row in probe["rows"]
                                if row.get(column) is not None)
     head = ["probe"] + (["model"] if len(models) > 1 else []) + ["metric"]
     head += [plots.format_value(v) for v in values] + ["all"]
+    rows = []  # (order, cells)
+    for p, m, name, label, probe in entries:
+      key, series = plots.value_key(probe), _row_key(probe, column)
+      means = plots.group_means(probe["rows"], (series, column), key)
+      overall = plots.group_means(probe["rows"], (series,), key)
+      for (s,), mean in overall.items():
+        cells = [name + (f" · {series}={plots.format_value(s)}" if series else "")]
+        cells += ([label] if len(models) > 1 else []) + [probe.get("metric", key)]
+        cells += [_cell(means.get((s, v))) for v in values] + [_cell(mean)]
+        rows.append(((p, plots.sort_key(s), m), cells))
     lines = [f"By {column}:", "", "| " + " | ".join(map(_md, head)) + " |",
              "|" + "---|" * len(head)]
-    for name, label, probe in entries:
-      key, series = plots.value_key(probe), _row_key(probe, column)
-      cells = plots.group_means(probe["rows"], (series, column), key)
-      overall = plots.group_means(probe["rows"], (series,), key)
-      for s in plots.sort_values(g[0] for g in overall):
-        row = [name + (f" · {series}={plots.format_value(s)}" if series else "")]
-        row += ([label] if len(models) > 1 else []) + [probe.get("metric", key)]
-        row += [_cell(cells.get((s, v)), key) for v in values] + [_cell(overall[(s,)], key)]
-        lines.append("| " + " | ".join(map(_md, row)) + " |")
+    rows.sort(key=lambda r: r[0])
+    lines += ["| " + " | ".join(map(_md, cells)) + " |" for _, cells in rows]
     tables.append("\n".join(lines))
   return tables
 
@@ -232,15 +234,15 @@ def _section(out_dir: str, name: str, probe: dict, label: str, png: str | None, 
 
 
 def write_plots(out_dir: str, models: Sequence[tuple[str, dict]]) -> list[str]:
-  """out_dir/<probe>.png for each probe whose "plot" kind is known, drawing every model that
-  has the probe. Returns the paths."""
+  """out_dir/<probe>.png for each probe whose "plot" kind is known (plots.PLOTS) and that has
+  rows, drawing every model that has the probe. Returns the paths."""
   os.makedirs(out_dir, exist_ok=True)
   written = []
   for name in _probe_names(models):
     have = [(label, r) for label, r in models if name in r["probes"]]
     draw = plots.PLOTS.get(have[0][1]["probes"][name]["plot"])
-    if draw is None:
-      continue
+    if draw is None or not any(r["probes"][name]["rows"] for _, r in have):
+      continue  # a probe reported only as numbers, or nothing measured
     path = os.path.join(out_dir, file_stem(name) + ".png")
     draw(path, [(label, r["probes"][name]) for label, r in have], name=name,
          train_length=[r.get("train_length") for _, r in have])

@@ -110,7 +110,7 @@ def test_summary_table_holds_the_means_per_length(tmp_path):
     ppl = [row for row in table_cells(text, "ppl_by_position") if row[1] == label][0]
     rows = [x for x in r["probes"]["ppl_by_position"]["rows"] if x["length"] == 512]
     loss = sum(x["loss"] * x["tokens"] for x in rows) / sum(x["tokens"] for x in rows)
-    assert ppl[column[512]] == f"{loss:.3g}"
+    assert ppl[column[512]] == f"{loss:.2f}"
   entries = table_cells(text, "phonebook")[0]
   assert entries[-4:] == ["1.00", "0.75", "0.50", "0.75"]  # entries 8, 16, 64, then all
 
@@ -162,3 +162,34 @@ def test_heatmap_image_is_uint8_rgb():
   assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
   assert image.shape[0] >= 100 and image.shape[1] >= 100
   assert len(np.unique(image.reshape(-1, 3), axis=0)) > 10  # drawn, not blank
+
+
+def test_probes_without_a_plot_or_rows_get_a_section_but_no_png(tmp_path):
+  results = synthetic_results("m", 1, 0.0)
+  results["probes"]["table_only"] = {"protocol": "generate", "metric": "exact_match",
+                                     "plot": None, "x": "length",
+                                     "rows": [{"length": 256, "score": 0.5, "n": 2}]}
+  results["probes"]["ruler"]["rows"] = []
+  written = {os.path.basename(p) for p in report.write_all(str(tmp_path), results)}
+  assert "table_only.csv" in written and "table_only.png" not in written
+  assert "ruler.csv" in written and "ruler.png" not in written
+  text = (tmp_path / "report.md").read_text()
+  assert "## table_only" in text and "## ruler" in text
+  assert table_cells(text, "table_only")[0][-3:] == ["0.50", "-", "0.50"]  # 256, 512, all
+  assert all((tmp_path / link).is_file() for link in re.findall(r"\]\(([^)]+)\)", text))
+
+
+def test_plots_draw_on_given_axes_depth_at_the_top_and_log2_when_x_spans_more_than_4x():
+  from matplotlib.figure import Figure
+  probes = synthetic_results("m", 1, 0.0)["probes"]
+  fig = Figure()
+  heat, ruler, phonebook = fig.subplots(1, 3)
+  plots.heatmap(heat, [("m", probes["niah_grid"])], name="niah_grid", train_length=256)
+  bottom, top = heat.get_ylim()
+  assert bottom > top and heat.get_yticklabels()[0].get_text() == "0"
+  assert [t.get_text() for t in heat.get_xticklabels()] == ["256", "512"]
+  plots.lines(ruler, [("m", probes["ruler"])], name="ruler", train_length=256)
+  plots.lines(phonebook, [("m", probes["phonebook"])], name="phonebook")
+  assert ruler.get_xscale() == "linear" and phonebook.get_xscale() == "log"
+  assert ruler.get_title() == "ruler: string_match_all (generate)"
+  assert len(ruler.get_lines()) == len(TASKS) + 1  # one per task, the train length
