@@ -12,12 +12,15 @@ display and no global figure state or backend is touched, whatever the caller us
 """
 
 import math
+import numbers
 import os
 from typing import Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullLocator
 
@@ -26,6 +29,7 @@ DPI = 100
 POSITION_AXES = ("length", "position")
 LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P")
+CMAP, NORM = "RdYlGn", Normalize(0.0, 1.0)  # heatmaps: red 0 to green 1, every panel alike
 
 
 def value_key(probe: dict) -> str:
@@ -50,7 +54,7 @@ def group_means(rows: Sequence[dict], keys: Sequence[str | None], value: str) ->
 
 def sort_key(value) -> tuple:
   """Orders numbers by value first, then anything else (strings, None) by its text."""
-  number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy's too
   return (0, value, "") if number else (1, 0, str(value))
 
 
@@ -61,7 +65,7 @@ def sort_values(values) -> list:
 
 def format_value(v) -> str:
   """A tick or column label: 1024 for 1024.0, 0.25 for 0.25."""
-  if isinstance(v, float) and v.is_integer():
+  if isinstance(v, numbers.Real) and not isinstance(v, bool) and float(v).is_integer():
     return str(int(v))
   return str(v)
 
@@ -99,29 +103,30 @@ def _draw(target, draw, *, n_axes: int = 1, figsize=(6.4, 4.0)):
 
 def _heatmap_panel(ax, label: str, probe: dict, train_length):
   """One model's grid: x columns (sorted), y rows (smallest at the top, as NIAH figures draw
-  depth 0 at the top), the mean value per cell as colour and text. Returns the image."""
+  depth 0 at the top), the mean value per cell as colour and text."""
   x, y = probe["x"], probe["y"]
   means = group_means(probe["rows"], (x, y), value_key(probe))
+  ax.set_title(label, pad=14)
+  if not means:
+    ax.text(0.5, 0.5, "no rows", ha="center", va="center", transform=ax.transAxes)
+    return
   xs, ys = sort_values(k[0] for k in means), sort_values(k[1] for k in means)
   grid = np.full((len(ys), len(xs)), np.nan)
   for (xv, yv), mean in means.items():
     grid[ys.index(yv), xs.index(xv)] = mean
-  image = ax.imshow(np.ma.masked_invalid(grid), cmap="RdYlGn", vmin=0.0, vmax=1.0,
-                    aspect="auto", origin="upper")
+  ax.imshow(np.ma.masked_invalid(grid), cmap=CMAP, norm=NORM, aspect="auto", origin="upper")
   for i, j in zip(*np.nonzero(np.isfinite(grid))):
     ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
   ax.set_xticks(range(len(xs)), [format_value(v) for v in xs])
   ax.set_yticks(range(len(ys)), [format_value(v) for v in ys])
   ax.set_xlabel(x)
   ax.set_ylabel(y)
-  ax.set_title(label, pad=14)
   if train_length is not None and x in POSITION_AXES:
     # Columns are categories: the line goes on the edge after the last trained-on length.
     edge = sum(v <= train_length for v in xs) - 0.5
     ax.axvline(edge, color="black", linestyle="--", linewidth=1.5)
     ax.text(edge, 1.0, "train length", transform=ax.get_xaxis_transform(), ha="center",
             va="bottom", fontsize=7)
-  return image
 
 
 def _heatmap_size(models) -> tuple[float, float]:
@@ -140,8 +145,8 @@ def heatmap(target, models: Sequence[tuple[str, dict]], *, name: str = "", train
 
   def draw(fig, axes):
     for ax, (label, probe), length in zip(axes, models, train_lengths):
-      image = _heatmap_panel(ax, label, probe, length)
-    fig.colorbar(image, ax=axes, label=first.get("metric", value_key(first)))
+      _heatmap_panel(ax, label, probe, length)
+    fig.colorbar(ScalarMappable(NORM, CMAP), ax=axes, label=first.get("metric", value_key(first)))
     fig.suptitle(title(name, first))
   return _draw(target, draw, n_axes=len(models), figsize=_heatmap_size(models))
 
@@ -182,7 +187,7 @@ def lines(target, models: Sequence[tuple[str, dict]], *, name: str = "", train_l
   def draw(fig, axes):
     ax = axes[0]
     ticks = _series_panel(ax, models, train_lengths, log_span=4.0)
-    if len(ticks) <= 16 and all(isinstance(v, (int, float)) for v in ticks):
+    if len(ticks) <= 16 and all(isinstance(v, numbers.Real) for v in ticks):
       ax.set_xticks(ticks, [format_value(v) for v in ticks])
       ax.xaxis.set_minor_locator(NullLocator())
     ax.set_ylim(-0.03, 1.03)

@@ -193,3 +193,18 @@ def test_plots_draw_on_given_axes_depth_at_the_top_and_log2_when_x_spans_more_th
   assert ruler.get_xscale() == "linear" and phonebook.get_xscale() == "log"
   assert ruler.get_title() == "ruler: string_match_all (generate)"
   assert len(ruler.get_lines()) == len(TASKS) + 1  # one per task, the train length
+
+
+def test_numpy_values_sort_as_numbers_and_an_empty_compared_probe_still_plots(tmp_path):
+  from matplotlib.figure import Figure
+  probe = synthetic_results("m", 1, 0.0)["probes"]["niah_grid"]
+  probe["rows"] = [{**r, "length": np.int64(r["length"] * 4 if r["length"] == 512 else 256)}
+                   for r in probe["rows"]]  # lengths 256 and 2048: text order would swap them
+  empty = {**probe, "rows": []}
+  heat, other = Figure().subplots(1, 2)
+  plots.heatmap([heat, other], [("m", probe), ("e", empty)], train_length=[256, None])
+  assert [t.get_text() for t in heat.get_xticklabels()] == ["256", "2048"]
+  results = {"model": "m", "probes": {"niah_grid": probe}}
+  written = report.write_all(str(tmp_path), results, compare=[{"probes": {"niah_grid": empty}}])
+  assert str(tmp_path / "niah_grid.png") in written
+  assert table_cells((tmp_path / "report.md").read_text(), "niah_grid")[0][3:5] == ["0.90", "0.65"]
