@@ -131,11 +131,11 @@ def write_results(out_dir: str, results: dict) -> list[str]:
 
 
 def _labels(all_results: Sequence[dict]) -> list[str]:
-  """Legend labels: each results' "model", made unique with its step (then its index)."""
-  labels = [str(r.get("model") or f"model {i}") for i, r in enumerate(all_results)]
-  for i, r in enumerate(all_results):
-    if labels.count(labels[i]) > 1 and r.get("step") is not None:
-      labels[i] = f"{labels[i]} @{r['step']}"
+  """Legend labels: each results' "model" (default "model <i>"); a name that repeats gets
+  its step, and a label that still repeats its index."""
+  names = [str(r.get("model") or f"model {i}") for i, r in enumerate(all_results)]
+  labels = [f"{n} @{r['step']}" if names.count(n) > 1 and r.get("step") is not None else n
+            for n, r in zip(names, all_results)]
   return [f"{label} #{i}" if labels.count(label) > 1 else label
           for i, label in enumerate(labels)]
 

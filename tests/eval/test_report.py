@@ -208,3 +208,9 @@ def test_numpy_values_sort_as_numbers_and_an_empty_compared_probe_still_plots(tm
   written = report.write_all(str(tmp_path), results, compare=[{"probes": {"niah_grid": empty}}])
   assert str(tmp_path / "niah_grid.png") in written
   assert table_cells((tmp_path / "report.md").read_text(), "niah_grid")[0][3:5] == ["0.90", "0.65"]
+
+
+def test_labels_of_compared_runs_are_unique():
+  runs = [{"model": "a", "step": 1}, {"model": "a", "step": 2}, {"model": "b"},
+          {"model": "a", "step": 2}, {}]
+  assert report._labels(runs) == ["a @1", "a @2 #1", "b", "a @2 #3", "model 4"]
