@@ -168,10 +168,11 @@ def _md(text) -> str:
   return str(text).replace("|", "\\|")
 
 
-def summary_tables(models: Sequence[tuple[str, dict]]) -> list[str]:
+def summary_tables(models: Sequence[tuple[str, dict]], train_length=None) -> list[str]:
   """Markdown tables, one per column key ("length" first): a row per probe (and series value
   for "lines") and model, the models of one probe and series next to each other; a column
-  per value of the key, then "all"; the mean score (mean loss for curves) in each."""
+  per value of the key (lengths past `train_length` marked *), then "all"; the mean score
+  (mean loss for curves) in each."""
   groups: dict = {}  # column key -> [(probe index, model index, probe name, label, probe)]
   for p, name in enumerate(_probe_names(models)):
     for m, (label, results) in enumerate(models):
@@ -184,7 +185,9 @@ def summary_tables(models: Sequence[tuple[str, dict]]) -> list[str]:
     values = plots.sort_values(row.get(column) for *_, probe in entries for row in probe["rows"]
                                if row.get(column) is not None)
     head = ["probe"] + (["model"] if len(models) > 1 else []) + ["metric"]
-    head += [plots.format_value(v) for v in values] + ["all"]
+    beyond = [column == "length" and train_length is not None and v > train_length
+              for v in values]
+    head += [plots.format_value(v) + "*" * b for v, b in zip(values, beyond)] + ["all"]
     rows = []  # (order, cells)
     for p, m, name, label, probe in entries:
       key, series = plots.value_key(probe), _row_key(probe, column)
@@ -199,6 +202,8 @@ def summary_tables(models: Sequence[tuple[str, dict]]) -> list[str]:
              "|" + "---|" * len(head)]
     rows.sort(key=lambda r: r[0])
     lines += ["| " + " | ".join(map(_md, cells)) + " |" for _, cells in rows]
+    if any(beyond):
+      lines += ["", f"\\* longer than the training length ({train_length})."]
     tables.append("\n".join(lines))
   return tables
 
@@ -216,9 +221,9 @@ def _header(models: Sequence[tuple[str, dict]]) -> list[str]:
 
 
 def _section(out_dir: str, name: str, probe: dict, label: str, png: str | None, *,
-             csv: bool) -> list[str]:
+             own_csv: bool) -> list[str]:
   """A probe's section: protocol and metric in words, its plot (png: the path written, if any)
-  and its CSV (csv: the probe is the evaluated model's, so write_results writes it)."""
+  and its CSV (own_csv: the probe is the evaluated model's, the one write_results writes)."""
   protocol, metric = probe.get("protocol", "?"), probe.get("metric", plots.value_key(probe))
   axes = ", ".join(f"{k} = {probe[k]}" for k in ("x", "y", "series") if probe.get(k))
   lines = [f"## {name}", "",
@@ -228,7 +233,7 @@ def _section(out_dir: str, name: str, probe: dict, label: str, png: str | None, 
   stem = file_stem(name)
   if png is not None:
     lines += [f"![{name}]({os.path.basename(png)})", ""]
-  if csv and os.path.exists(os.path.join(out_dir, stem + ".csv")):
+  if own_csv and os.path.exists(os.path.join(out_dir, stem + ".csv")):
     lines += [f"Rows of {label}: [{stem}.csv]({stem}.csv)", ""]
   return lines
 
@@ -263,14 +268,14 @@ def write_report(out_dir: str, results: dict, compare: Sequence[dict] = ()) -> l
   if os.path.exists(os.path.join(out_dir, RESULTS)):
     lines += [f"All results: [{RESULTS}]({RESULTS})", ""]
   lines += ["## Summary", ""]
-  for table in summary_tables(models):
+  for table in summary_tables(models, results.get("train_length")):
     lines += [table, ""]
   for name in _probe_names(models):
     # the probe as the evaluated model has it; else the first compared model with it
     label, owner = next((label, r) for label, r in models if name in r["probes"])
     png = os.path.join(out_dir, file_stem(name) + ".png")
     lines += _section(out_dir, name, owner["probes"][name], label,
-                      png if png in written else None, csv=owner is results)
+                      png if png in written else None, own_csv=owner is results)
   path = os.path.join(out_dir, REPORT)
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines).rstrip() + "\n")

@@ -97,7 +97,9 @@ def test_summary_table_holds_the_means_per_length(tmp_path):
   text = (tmp_path / "report.md").read_text()
   head = table_cells(text, "probe")[0]
   assert head[:3] == ["probe", "model", "metric"] and head[-1] == "all"
-  column = {v: head.index(str(v)) for v in LENGTHS}
+  assert head[3:5] == ["256", "512*"]  # past the training length
+  assert "\\* longer than the training length (256)." in text
+  column = {v: head.index(str(v) + "*" * (v > 256)) for v in LENGTHS}
   for r, label in ((results, "runs/demo"), (other, "runs/other")):
     niah = [row for row in table_cells(text, "niah_grid") if row[1] == label]
     assert len(niah) == 1
