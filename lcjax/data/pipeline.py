@@ -26,10 +26,17 @@ class DataConfig:
   sequence_length: int = 512  # packed row length
   vocabulary: str = "byte"  # "byte" or a path to a SentencePiece .model file
   seed: int = 0
+  # How training weighs loss tokens: "tokens", each the same (a 256-token text window then
+  # outweighs a 6-token answer 40 to 1), or "documents", each document's weights summing to
+  # one (t5x's AVERAGE_PER_SEQUENCE), so every example counts the same whatever its length.
+  loss_normalization: str = "tokens"
 
   def __post_init__(self):
     check_types(self)  # a wrong-typed gin binding fails here, naming it
     check_positive(self, ("sequence_length",))  # before the tasks divide by it
+    if self.loss_normalization not in ("tokens", "documents"):
+      raise ConfigError(f"DataConfig.loss_normalization={self.loss_normalization!r} is not "
+                        "'tokens' or 'documents'.")
 
 
 class BatchIterator:
@@ -108,7 +115,18 @@ def make_train_iterator(
       batch_size=batch_size,
       verbose=False,
   )
+  if cfg.loss_normalization == "documents":
+    ds = ds.map(per_document_weights)
   return BatchIterator(_deterministic(ds))
+
+
+def per_document_weights(batch: dict) -> dict:
+  """Scales loss_weights `[rows, length]` so that each document's (row, segment) sum to 1."""
+  weights, segments = batch["loss_weights"], batch["segment_ids"]
+  rows, length = tf.shape(segments)[0], tf.shape(segments)[1]
+  ids = segments + (length + 1) * tf.range(rows)[:, None]  # unique per (row, segment)
+  totals = tf.math.unsorted_segment_sum(weights, ids, rows * (length + 1))
+  return {**batch, "loss_weights": tf.math.divide_no_nan(weights, tf.gather(totals, ids))}
 
 
 def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:

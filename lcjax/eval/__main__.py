@@ -1,9 +1,13 @@
 """lcjax-eval / python -m lcjax.eval --gin_file=F [--gin_bindings=...] --workdir=DIR [--step=N]
-    [--verbose]
+    [--suite=niah_grid,ppl_by_position] [--compare=OTHER_RESULTS_DIR ...] [--verbose]
 
-Restores the newest (or the named) checkpoint of DIR and writes DIR/eval/results.json; creates
-nothing else, and nothing at all when DIR or the checkpoint is missing. Exit status: 0 done,
-1 the evaluation failed, 2 the command or its configuration must change (see lcjax/cli.py).
+Restores the newest (or the named) checkpoint of DIR, scores the eval tasks teacher-forced
+(what the training loop logs) and runs the probes of the suite (`lcjax.eval.suite`; default
+`EvalConfig.suite`), then writes DIR/eval/<step>/: results.json, one CSV and PNG per probe and
+report.md (`lcjax.eval.report`). --compare draws another run's results (its eval/<step>
+directory or results.json) on the same plots. Creates nothing when DIR or the checkpoint is
+missing. Exit status: 0 done, 1 the evaluation failed, 2 the command or its configuration must
+change (see lcjax/cli.py).
 """
 
 import json
@@ -19,39 +23,63 @@ flags.DEFINE_multi_string("gin_file", [], "gin files, applied in order (later on
 flags.DEFINE_multi_string("gin_bindings", [], "gin bindings, applied after the files.")
 flags.DEFINE_string("workdir", None, "The training run's directory.")
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the newest).")
+flags.DEFINE_list("suite", None, "Probes to run (default: EvalConfig.suite); '' for none.")
+flags.DEFINE_multi_string("compare", [], "Another run's eval results to plot alongside.")
 flags.mark_flag_as_required("workdir")
 
 
-def evaluate_checkpoint(workdir: str, step: int | None = None) -> dict:
+def restore_params(workdir: str, setup, step: int | None, keep: int):
+  """(params, step) of the newest or the named checkpoint; a ConfigError naming the steps
+  there when it is missing."""
   import gin
+
+  from lcjax.train.checkpoint import Checkpointer
+
+  ckpt = Checkpointer(workdir, every=1, keep=keep, create=False)
+  try:
+    steps = ckpt.all_steps()
+    step = ckpt.latest_step() if step is None else step
+    if step is None or step not in steps:
+      fix = ("Choose --step from those, or leave it out for the newest." if steps
+             else f"Train first with `python -m lcjax.train ... --workdir={workdir}`.")
+      raise ConfigError(
+          f"No checkpoint {'at step ' + str(step) + ' ' if step is not None else ''}in "
+          f"{ckpt.directory} (available steps: {steps}); nothing was changed. {fix}")
+    state, _ = ckpt.restore(step, setup.abstract_state(), gin.operative_config_str())
+    return state["params"], step, os.path.join(ckpt.directory, str(step))
+  finally:
+    ckpt.close()
+
+
+def evaluate_checkpoint(workdir: str, step: int | None = None, suite=None,
+                        compare=()) -> dict:
+  """Evaluates one checkpoint of `workdir` and writes DIR/eval/<step>/ (process 0);
+  returns the results dict (`lcjax.eval.report` documents it)."""
   import jax
 
+  from lcjax.data.pipeline import vocabulary
+  from lcjax.eval import report
   from lcjax.eval.evaluate import evaluate
+  from lcjax.eval.suite import EvalConfig, model_for, run_suite
   from lcjax.run import Run, build, load_eval_batches
-  from lcjax.train.checkpoint import Checkpointer
+  from lcjax.train.state import model_skeleton
   from lcjax.workdir import existing_workdir
 
-  run = Run.from_gin()  # the bindings first, as lcjax.train checks them
+  run, eval_cfg = Run.from_gin(), EvalConfig()  # the bindings first, as lcjax.train checks them
+  others = [report.load_results(path) for path in compare]
   existing_workdir(workdir)
   setup = build(run)
-  ckpt = Checkpointer(workdir, every=1, keep=run.train.keep_checkpoints, create=False)
-  steps = ckpt.all_steps()
-  step = ckpt.latest_step() if step is None else step
-  if step is None or step not in steps:
-    ckpt.close()
-    fix = ("Choose --step from those, or leave it out for the newest." if steps
-           else f"Train first with `python -m lcjax.train ... --workdir={workdir}`.")
-    raise ConfigError(
-        f"No checkpoint {'at step ' + str(step) + ' ' if step is not None else ''}in "
-        f"{ckpt.directory} (available steps: {steps}); nothing was changed. {fix}")
-  state, _ = ckpt.restore(step, setup.abstract_state(), gin.operative_config_str())
-  ckpt.close()
-  metrics = evaluate(setup.eval_step, state["params"], load_eval_batches(run))
-  results = {"step": step, "checkpoint": os.path.join(ckpt.directory, str(step)), **metrics}
+  params, step, checkpoint = restore_params(workdir, setup, step, run.train.keep_checkpoints)
+  results = {"model": workdir, "step": step, "checkpoint": checkpoint,
+             "train_length": run.data.sequence_length,
+             "metrics": evaluate(setup.eval_step, params, load_eval_batches(run))}
+  names = eval_cfg.suite if suite is None else tuple(suite)
+  model = model_for(setup, run, params, model_skeleton(run.model)[0], vocabulary(run.data),
+                    eval_cfg.rows)
+  results["probes"] = run_suite(model, names)
   if jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    with open(os.path.join(workdir, "eval", "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    out_dir = os.path.join(workdir, "eval", str(step))
+    results["written"] = report.write_all(out_dir, results, others)
   return results
 
 
@@ -59,6 +87,7 @@ def main(argv):
   del argv
   # gin knows a configurable only once its module is imported: these import every one a run's
   # gin files may bind (lcjax.run imports the model, data, mesh and optimizer configs).
+  import lcjax.eval.suite  # noqa: F401  (EvalConfig and the probes)
   import lcjax.models.allocation  # noqa: F401  (hybrid_pattern)
   import lcjax.run  # noqa: F401
   from lcjax.config import parse_gin
@@ -67,10 +96,15 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   parse_gin(FLAGS.gin_file, FLAGS.gin_bindings)
   maybe_initialize()
-  results = evaluate_checkpoint(FLAGS.workdir, FLAGS.step)
+  suite = None if FLAGS.suite is None else [n for n in FLAGS.suite if n]
+  results = evaluate_checkpoint(FLAGS.workdir, FLAGS.step, suite, FLAGS.compare)
   print("\n== lcjax eval ==")
-  print(json.dumps(results, indent=1))
-  print(f"written to {os.path.join(os.path.abspath(FLAGS.workdir), 'eval', 'results.json')}")
+  print(json.dumps(results["metrics"], indent=1))
+  written = results.get("written", [])
+  report_md = [p for p in written if p.endswith("report.md")]
+  if report_md:
+    print(f"report: {os.path.abspath(report_md[0])} ({len(written)} files in "
+          f"{os.path.dirname(os.path.abspath(report_md[0]))})")
 
 
 def run():

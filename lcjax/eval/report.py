@@ -158,6 +158,27 @@ def _row_key(probe: dict, column):
   return series if probe.get("plot") == "lines" and series not in (None, column) else None
 
 
+def summary(probe: dict) -> tuple[str, str | None, dict]:
+  """(column key, series key or None, {(series value, column value): mean}): what a probe's
+  summary-table rows and its in-loop scalars show."""
+  column = _column_key(probe)
+  series = _row_key(probe, column)
+  return column, series, plots.group_means(probe["rows"], (series, column),
+                                           plots.value_key(probe))
+
+
+def scalars(probes: dict, prefix: str = "suite") -> dict[str, float]:
+  """Flat {"suite/<probe>/[<series>=<s>/]<column>=<value>": mean} for metrics logs."""
+  out = {}
+  for name, probe in probes.items():
+    _, series, means = summary(probe)
+    column = _column_key(probe)
+    for (s, v), mean in means.items():
+      part = f"{series}={plots.format_value(s)}/" if series else ""
+      out[f"{prefix}/{name}/{part}{column}={plots.format_value(v)}"] = float(mean)
+  return out
+
+
 def _cell(value) -> str:
   if value is None or (isinstance(value, float) and math.isnan(value)):
     return "-"
@@ -190,8 +211,8 @@ def summary_tables(models: Sequence[tuple[str, dict]], train_length=None) -> lis
     head += [plots.format_value(v) + "*" * b for v, b in zip(values, beyond)] + ["all"]
     rows = []  # (order, cells)
     for p, m, name, label, probe in entries:
-      key, series = plots.value_key(probe), _row_key(probe, column)
-      means = plots.group_means(probe["rows"], (series, column), key)
+      key = plots.value_key(probe)
+      _, series, means = summary(probe)
       overall = plots.group_means(probe["rows"], (series,), key)
       for (s,), mean in overall.items():
         cells = [name + (f" · {series}={plots.format_value(s)}" if series else "")]

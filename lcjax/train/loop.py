@@ -20,6 +20,7 @@ from lcjax.config import binding_changes
 from lcjax.data.pipeline import make_train_iterator
 from lcjax.errors import ConfigError, NonFiniteLossError
 from lcjax.eval.evaluate import evaluate
+from lcjax.eval.suite import EvalConfig, InLoop
 from lcjax.parallel import sharding
 from lcjax.run import Run, Setup, build, load_eval_batches
 from lcjax.train import flops
@@ -48,7 +49,7 @@ def train(workdir: str, run: Run | None = None) -> dict:
     state, start = _restore_or_init(run, setup, ckpt, data, config)
     _describe(workdir, setup, config, start)
     step_fn = _jit_train_step(setup, cfg.grad_accum_steps)
-    eval_batches = load_eval_batches(run)
+    eval_batches, in_loop = load_eval_batches(run), InLoop(setup, run, EvalConfig())
 
     # ---- Outputs: metrics and progress bar (process 0), throughput, the summary returned.
     writer, bar = _progress(workdir, cfg.steps, start, cleanup)
@@ -75,7 +76,10 @@ def train(workdir: str, run: Run | None = None) -> dict:
         pending.drain()
         with throughput.excluded():  # eval time is not training time
           summary["eval"] = evaluate(setup.eval_step, state["params"], eval_batches)
+          probe_scalars, images = in_loop(state["params"])
+        summary["eval"].update(probe_scalars)
         writer.write(step, summary["eval"])
+        writer.write_images(step, images)
       if _due(step, cfg.checkpoint_every, cfg.steps):
         _save(ckpt, pending, step, state, data, config, force=step == cfg.steps)
   summary["step"] = step

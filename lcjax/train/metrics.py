@@ -38,6 +38,14 @@ class MetricsWriter:
         self._tb.add_scalar(key, value, step)
     self._tb.flush()
 
+  def write_images(self, step: int, images: dict) -> None:
+    """{tag: uint8 `[height, width, 3]`} to TensorBoard (the eval heatmaps)."""
+    if not self.enabled or not images:
+      return
+    for tag, image in images.items():
+      self._tb.add_image(tag, image, step, dataformats="HWC")
+    self._tb.flush()
+
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
