@@ -18,8 +18,8 @@ EvalStep = Callable[[dict, dict], tuple[np.ndarray, np.ndarray]]
 
 
 def _row_batch(examples: Sequence[tuple[Sequence[int], int]], seq_len: int, rows: int) -> dict:
-  """One row per (tokens, first scored target index): inputs tokens[:-1], targets tokens[1:],
-  loss_weights 1 from that index on. Each row's arrays are `[rows, seq_len]`."""
+  """A batch `[rows, seq_len]`, one row per (tokens, index of the first scored target): inputs
+  tokens[:-1], targets tokens[1:], loss_weights 1 from that index on; all-zero rows after."""
   if len(examples) > rows:
     raise ValueError(f"{len(examples)} examples do not fit a batch of {rows} rows.")
   batch = {k: np.zeros((rows, seq_len), np.int32)
