@@ -55,6 +55,7 @@ def answer_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: 
 
 
 def _chunks(items: Sequence, rows: int):
+  """items, `rows` at a time (the last chunk may be short: its batch is padded)."""
   if rows < 1:
     raise ValueError(f"rows={rows} must be >= 1.")
   for start in range(0, len(items), rows):
