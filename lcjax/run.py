@@ -87,8 +87,11 @@ class Setup:
   replicated: NamedSharding
   # put_batch(this process's rows of a host batch, global rows) -> global arrays
   put_batch: Callable[[dict, int], dict]
-  # eval_step(params, whole host batch) -> host (losses, correct) [batch, seq]
+  # eval_step(params, whole host batch) -> host (losses, correct) [batch, seq], for rows of
+  # DataConfig.sequence_length tokens; `eval_step_at` makes one for any other length.
   eval_step: Callable[[dict, dict], tuple[np.ndarray, np.ndarray]]
+  # The jitted step on global arrays in the sequence layout (retraced per batch shape).
+  jitted_eval_step: Callable
   sequence: SequenceSharding | None  # None: rows are not split over devices
   train_rows: slice  # this process's rows of a train batch
   data_shard: int  # which equal share of the train rows they are ...
@@ -98,6 +101,20 @@ class Setup:
     """The train state's shapes, dtypes and target shardings (what a restore fills)."""
     return train_state.abstract_with_shardings(
         train_state.abstract_state(self.abstract_params, self.optimizer), self.shardings)
+
+  def eval_step_at(self, seq_len: int) -> Callable[[dict, dict], tuple[np.ndarray, np.ndarray]]:
+    """`eval_step` for rows of `seq_len` tokens (any length the mesh can split, e.g. several
+    times the training length): the same jitted step, mesh and sequence layout.
+
+    Fails, naming the fix, when the sequence shards cannot split `seq_len`; the batch's rows
+    are checked against the mesh at each call."""
+    if not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
+      raise ConfigError(f"eval_step_at: seq_len={seq_len!r} must be a positive int.")
+    seq_len = int(seq_len)
+    if self.sequence is not None:
+      self.sequence.check(seq_len)
+    return _host_eval_step(self.jitted_eval_step, self.rules, self.batch_sharding,
+                           self.sequence, seq_len)
 
 
 def check_vocabulary(model_cfg: ModelConfig, data_cfg: DataConfig) -> None:
@@ -129,15 +146,16 @@ def build(run: Run) -> Setup:
   # sequence split across them, load the same data) and, of those, its positions.
   train_rows, _, data_shard, data_shards = sharding.process_share(
       batch_sharding, (run.train.batch_size, seq_len))
-  eval_step = _host_eval_step(
-      jax.jit(_eval_step(graphdef), in_shardings=(shardings["params"], batch_sharding),
-              out_shardings=replicated), put_batch, batch_sharding, sequence, seq_len)
+  jitted_eval_step = jax.jit(_eval_step(graphdef),
+                             in_shardings=(shardings["params"], batch_sharding),
+                             out_shardings=replicated)
+  eval_step = _host_eval_step(jitted_eval_step, rules, batch_sharding, sequence, seq_len)
   return Setup(
       mesh=mesh, rules=rules, graphdef=graphdef, abstract_params=abstract_params,
       schedule=optim.schedule(run.optim, run.train.steps), optimizer=optimizer,
       shardings=shardings, batch_sharding=batch_sharding, replicated=replicated,
-      put_batch=put_batch, eval_step=eval_step, sequence=sequence, train_rows=train_rows,
-      data_shard=data_shard, data_shards=data_shards)
+      put_batch=put_batch, eval_step=eval_step, jitted_eval_step=jitted_eval_step,
+      sequence=sequence, train_rows=train_rows, data_shard=data_shard, data_shards=data_shards)
 
 
 def _layout(sequence: SequenceSharding | None) -> tuple[str, int]:
@@ -167,13 +185,18 @@ def _eval_step(graphdef):
   return eval_step
 
 
-def _host_eval_step(jitted_eval, put_batch, batch_sharding, sequence, seq_len: int):
+def _host_eval_step(jitted_eval, rules, batch_sharding, sequence, seq_len: int):
   layout, shards = _layout(sequence)
+  put_batch = _batch_placer(batch_sharding, sequence, seq_len)
 
   def eval_step(params, batch: dict):
     """A whole host batch (every process passes the same) -> host (losses, correct), in the
     batch's original token order."""
-    global_rows = next(iter(batch.values())).shape[0]
+    global_rows, length = next(iter(batch.values())).shape
+    if length != seq_len:
+      raise ValueError(f"This eval step takes rows of {seq_len} tokens, got {length}: make "
+                       f"one for that length with Setup.eval_step_at({length}).")
+    sharding.check_batch(global_rows, seq_len, batch_sharding.mesh, rules)
     rows, _, _, _ = sharding.process_share(batch_sharding, (global_rows, seq_len))
     out = jax.device_get(jitted_eval(params, put_batch(
         {k: v[rows] for k, v in batch.items()}, global_rows)))
