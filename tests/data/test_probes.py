@@ -18,7 +18,8 @@ phonebook_module = importlib.import_module("lcjax.data.probes.phonebook")
 
 @pytest.fixture(scope="module")
 def spm(tmp_path_factory):
-  return from_name(train_spm.train(vocab_size=300, output=str(tmp_path_factory.mktemp("spm") / "spm")))
+  prefix = tmp_path_factory.mktemp("spm") / "spm"
+  return from_name(train_spm.train(vocab_size=300, output=str(prefix)))
 
 
 @pytest.fixture(scope="module", params=["byte", "spm"])
@@ -140,7 +141,7 @@ def test_common_words_oracle(vocab):
   for length in (1024, 4096):
     for example in probes.common_words(vocab, length=length, num=2, seed=4):
       text = _text(vocab, example.prompt)
-      counts = collections.Counter(re.findall(r"^\s?\d+\. ([a-z]+)$", text, re.MULTILINE))
+      counts = collections.Counter(re.findall(r"^\s?\d+\.\s+([a-z]+)$", text, re.MULTILINE))
       ranked = [w for w, _ in counts.most_common()]
       top = ranked[:10]
       assert set(top) == set(example.references) == set(_answer(vocab, example).split())

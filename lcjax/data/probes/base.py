@@ -65,12 +65,13 @@ def target_ids(vocab, answer: str, max_new_tokens: int) -> tuple[int, ...]:
 
 def pseudo_words(rng: np.random.Generator, n: int, syllables: int = 3) -> list[str]:
   """`n` distinct pronounceable pseudo-words (consonant-vowel syllables), no word list needed."""
+  cv = np.array([c + v for c in _CONSONANTS for v in _VOWELS])
   words: dict[str, None] = {}
   while len(words) < n:
-    cons = rng.integers(0, len(_CONSONANTS), size=syllables)
-    vows = rng.integers(0, len(_VOWELS), size=syllables)
-    words["".join(_CONSONANTS[c] + _VOWELS[v] for c, v in zip(cons, vows))] = None
-  return list(words)
+    # Draw in batches (a long context needs tens of thousands); repeats are dropped.
+    draws = cv[rng.integers(0, len(cv), size=(n - len(words), syllables))]
+    words.update(dict.fromkeys("".join(row) for row in draws.tolist()))
+  return list(words)[:n]
 
 
 def haystack_units(source: str, rng: np.random.Generator) -> Iterator[str]:

@@ -55,7 +55,8 @@ def mqar(
     depths = power_law_depths(rng, num_queries - 1, power_a).tolist()
     # Each inline query is three inserts at one depth (key, value, space): the value's tokens
     # are then exactly one insert, whose span teacher forcing can score.
-    inserts = [(d, text) for d, q in zip(depths, queries) for text in (keys[q] + ":", values[q], " ")]
+    inserts = [(d, text) for d, q in zip(depths, queries)
+               for text in (keys[q] + ":", values[q], " ")]
     pairs = " ".join(f"{k}:{v}" for k, v in zip(keys, values))
     last = queries[-1]
     prompt, offsets = assemble(

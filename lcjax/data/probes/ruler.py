@@ -148,8 +148,9 @@ def common_words(
     def build(n, freq):
       listed = common * freq + words[num_common:num_common + n] * freq_uncommon
       order = np.random.default_rng(perm_seed).permutation(len(listed))
-      lines = (f"{i + 1}. {listed[j]}\n" for i, j in enumerate(order))
-      return [t for line in lines for t in _encoded(vocab, cache, line)]
+      # Number and word encoded apart: each is encoded once, however often the search builds.
+      return [t for i, j in enumerate(order)
+              for part in (f"{i + 1}. ", listed[j] + "\n") for t in _encoded(vocab, cache, part)]
 
     room = budget - len(vocab.encode(CWE_PREFIX)) - len(vocab.encode(question))
     fits = (f for f in range(freq_common, freq_uncommon, -1) if len(build(0, f)) <= room // 2)
