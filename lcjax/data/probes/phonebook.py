@@ -4,7 +4,6 @@ lines, then a question about one name; the answer is that name's number.
 The length follows from `entries` (not a budget): meta["length"] is the prompt's token count
 plus max_new_tokens, the same convention as the length-driven probes.
 """
-import numpy as np
 
 from lcjax.data.probes.base import Example, cell_rng, pseudo_words, target_ids
 
