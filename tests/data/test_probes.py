@@ -56,6 +56,7 @@ def test_lengths_are_exact(vocab, generator, lengths, kwargs):
       max_new = kwargs.get("max_new_tokens") or generator.__kwdefaults__["max_new_tokens"]
       assert len(example.prompt) == length - max_new, (generator.__name__, length)
       assert len(example.target) <= max_new and example.meta["length"] == length
+      assert example.meta["max_new_tokens"] == max_new
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
@@ -168,7 +169,7 @@ def test_phonebook_oracle(vocab):
       name = re.search(r"What is the phone number of (.+?)\?", text).group(1)
       assert len(book) == entries and (book[name],) == example.references
       assert _answer(vocab, example) == book[name]
-      assert example.meta["length"] == len(example.prompt) + 16
+      assert example.meta["length"] == len(example.prompt) + example.meta["max_new_tokens"]
 
 
 def test_mqar_oracle(vocab):

@@ -4,6 +4,10 @@ and token-exact assembly of a prompt (pieces encoded separately, haystack cut to
 Lengths are in tokens of the given vocabulary, RULER's convention: `length` is the whole
 context budget, so a length-driven probe's prompt has exactly `length - max_new_tokens`
 tokens and its target (answer then EOS) at most `max_new_tokens`.
+
+A character the vocabulary lacks (the Shakespeare-trained SentencePiece model has no "=" or
+"|") encodes as its unknown id: the prompt keeps its length and its structure, the model
+just sees the same unknown token wherever that character stands.
 """
 import dataclasses
 import itertools
@@ -36,7 +40,8 @@ class Example:
   prompt: token ids (no BOS); `length - max_new_tokens` of them for length-driven probes.
   target: the answer as the model should write it, then EOS (what teacher forcing scores).
   references: reference strings (RULER's "outputs") for the string scorers.
-  meta: the cell (e.g. {"length": 1024, "depth": 0.3}) plus what an oracle needs.
+  meta: the cell (e.g. {"length": 1024, "depth": 0.3}), "max_new_tokens" (the generation
+    budget the prompt was cut for), plus what an oracle needs.
   """
 
   prompt: tuple[int, ...]

@@ -68,8 +68,9 @@ def mqar(
         units=haystack_units(haystack, rng),
     )
     value_spans = [(offsets[i], offsets[i + 1]) for i in range(1, len(inserts), 3)]
-    meta = dict(length=length, num_pairs=num_pairs, num_queries=num_queries,
-                queries=[(keys[q], values[q]) for q in queries], value_spans=value_spans)
+    meta = dict(length=length, max_new_tokens=max_new_tokens, num_pairs=num_pairs,
+                num_queries=num_queries, queries=[(keys[q], values[q]) for q in queries],
+                value_spans=value_spans)
     examples.append(Example(prompt, target_ids(vocab, values[last], max_new_tokens),
                             (values[last],), meta))
   return examples

@@ -90,8 +90,8 @@ def niah(
         question=passkey.QUESTION,
         units=haystack_units(haystack, rng),
     )
-    meta = dict(length=length, depth=depth, haystack=haystack, needle=needle, key=key,
-                needle_offset=offset)
+    meta = dict(length=length, max_new_tokens=max_new_tokens, depth=depth, haystack=haystack,
+                needle=needle, key=key, needle_offset=offset)
     examples.append(Example(prompt, target_ids(vocab, key, max_new_tokens), (key,), meta))
   return examples
 
@@ -152,8 +152,8 @@ def ruler_niah(
     # Per asked key, its values in the order the prompt shows them.
     shown = [pairs[i] for i in np.argsort(offsets)]
     references = tuple(v for key in asked for k, v in shown if k == key)
-    meta = dict(length=length, variant=variant, haystack=haystack, queries=asked,
-                depths=depths.tolist())
+    meta = dict(length=length, max_new_tokens=max_new_tokens, variant=variant,
+                haystack=haystack, queries=asked, depths=depths.tolist())
     target = target_ids(vocab, " " + ", ".join(references) + ".", max_new_tokens)
     examples.append(Example(prompt, target, references, meta))
   return examples

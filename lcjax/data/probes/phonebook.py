@@ -39,8 +39,8 @@ def phonebook(vocab, *, entries: int, num: int, seed: int, max_new_tokens: int =
     for name, number in zip(names, numbers):
       prompt += vocab.encode(LINE.format(name=name, number=number))
     prompt += vocab.encode(QUESTION.format(name=names[asked]))
-    meta = dict(entries=entries, length=len(prompt) + max_new_tokens,
-                depth=asked / max(entries - 1, 1), name=names[asked])
+    meta = dict(length=len(prompt) + max_new_tokens, max_new_tokens=max_new_tokens,
+                entries=entries, depth=asked / max(entries - 1, 1), name=names[asked])
     target = target_ids(vocab, " " + numbers[asked], max_new_tokens)
     examples.append(Example(tuple(prompt), target, (numbers[asked],), meta))
   return examples

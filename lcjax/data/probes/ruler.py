@@ -96,7 +96,8 @@ def variable_tracking(
         units=haystack_units(haystack, rng),
     )
     references = tuple(chains[0])
-    meta = dict(length=length, num_chains=num_chains, num_hops=num_hops, value=values[0])
+    meta = dict(length=length, max_new_tokens=max_new_tokens, num_chains=num_chains,
+                num_hops=num_hops, value=values[0])
     target = target_ids(vocab, " " + " ".join(references), max_new_tokens)
     examples.append(Example(prompt, target, references, meta))
   return examples
@@ -157,7 +158,7 @@ def common_words(
     freq = next(fits, freq_uncommon + 1)
     prompt, n = _list_prompt(vocab, budget, CWE_PREFIX, lambda n: build(n, freq), hi, question,
                              max_new_tokens)
-    meta = dict(length=length, freq=freq, num_uncommon=n)
+    meta = dict(length=length, max_new_tokens=max_new_tokens, freq=freq, num_uncommon=n)
     target = target_ids(vocab, " " + " ".join(common), max_new_tokens)
     examples.append(Example(prompt, target, tuple(common), meta))
   return examples
@@ -203,7 +204,8 @@ def frequent_words(
                              max_new_tokens)
     top = tuple(words[:3])
     counts = zipf_counts(n, num_words, alpha)
-    meta = dict(length=length, num_stream=int(counts.sum()), counts=counts[:3].tolist())
+    meta = dict(length=length, max_new_tokens=max_new_tokens, num_stream=int(counts.sum()),
+                counts=counts[:3].tolist())
     examples.append(Example(prompt, target_ids(vocab, " " + " ".join(top), max_new_tokens), top,
                             meta))
   return examples
