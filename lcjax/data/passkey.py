@@ -32,11 +32,15 @@ class PasskeyConfig:
 
   prompt_bytes: upper bound on prompt length in bytes; None = as long as fits
     in one packed row with byte tokens (sequence_length - digits - 1 for EOS).
+  min_prompt_bytes: None = every training prompt is prompt_bytes long; else each
+    training prompt's length is uniform in [min_prompt_bytes, prompt_bytes] (several
+    short ones pack into a row). Validation prompts are always prompt_bytes long.
   depth: where the key line goes, as a fraction of the filler; None = uniform
     random per example.
   """
 
   prompt_bytes: Optional[int] = None
+  min_prompt_bytes: Optional[int] = None
   depth: Optional[float] = None
   digits: int = 5
   num_train: int = 20000
@@ -100,9 +104,13 @@ def generate(cfg: PasskeyConfig, split: str, sequence_length: int):
   rng = np.random.default_rng(seed)
   keys = rng.integers(0, 10, size=(n, cfg.digits))
   depths = rng.uniform(0, 1, size=n) if cfg.depth is None else np.full(n, cfg.depth)
+  lengths = np.full(n, prompt_bytes)
+  if split == "train" and cfg.min_prompt_bytes is not None:
+    shortest = max(cfg.min_prompt_bytes, min_prompt_bytes(cfg.digits))
+    lengths = rng.integers(min(shortest, prompt_bytes), prompt_bytes + 1, size=n)
   segments = []
-  for k, d in zip(keys, depths):
+  for k, d, length in zip(keys, depths, lengths):
     key = "".join(map(str, k))
-    segments.append([make_prompt(key, float(d), prompt_bytes), key])
+    segments.append([make_prompt(key, float(d), int(length)), key])
   loss = np.tile(np.array([[0, 1]], np.int32), (n, 1))
   return np.array(segments, dtype=object), loss

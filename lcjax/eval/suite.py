@@ -81,19 +81,17 @@ class Model:
 def model_for(setup, run, params, local_graphdef, vocab, rows: int) -> Model:
   """The Model of restored `params`: teacher forcing through the run's eval step (any mesh),
   generation through `local_graphdef` (the single-device model's graph)."""
-  from lcjax.run import eval_step_at
-
   def generate(prompts, max_new_tokens):
     outs = greedy_generate(local_graphdef, params, prompts, max_new_tokens=max_new_tokens,
                            eos_id=vocab.eos_id, batch_size=rows)
     return [vocab.decode(list(o)) for o in outs]
 
   def score(pairs, seq_len):
-    return teacher_forced.score_answers(eval_step_at(setup, seq_len), params, pairs, seq_len,
+    return teacher_forced.score_answers(setup.eval_step_at(seq_len), params, pairs, seq_len,
                                         rows)
 
   def loss_by_position(documents, seq_len, buckets):
-    return teacher_forced.ppl_by_position(eval_step_at(setup, seq_len), params, documents,
+    return teacher_forced.ppl_by_position(setup.eval_step_at(seq_len), params, documents,
                                           seq_len, rows, buckets)
 
   return Model(vocab, run.data.sequence_length, generate, score, loss_by_position)
@@ -109,21 +107,22 @@ def check_protocol(name: str, protocol: str) -> None:
 
 
 def score_cells(model: Model, cells: Sequence[tuple[dict, list]], *, protocol: str,
-                metric: str, max_new_tokens: int) -> list[dict]:
+                metric: str) -> list[dict]:
   """cells: (cell dict, its examples) -> rows {**cell, "score": mean, "n"}.
 
-  Generation decodes every cell's prompts in one call (grouped by length bucket there);
-  teacher forcing scores each cell at its own length (cell["length"]) and counts an example
-  right when every target token is.
+  Generation decodes every cell's prompts in one call (grouped by length bucket there), each
+  with its example's budget (meta["max_new_tokens"]); teacher forcing scores each cell at its
+  own length and counts an example right when every target token is.
   """
   examples = [e for _, exs in cells for e in exs]
   if protocol == "generate":
-    outputs = model.generate([list(e.prompt) for e in examples], max_new_tokens)
+    budget = max(e.meta["max_new_tokens"] for e in examples)
+    outputs = model.generate([list(e.prompt) for e in examples], budget)
     scores = [SCORERS[metric](o, e.references) for o, e in zip(outputs, examples)]
   else:
     scores = []
-    for cell, exs in cells:
-      length = max(cell["length"], max(len(e.prompt) + len(e.target) for e in exs))
+    for _, exs in cells:
+      length = max(e.meta["length"] for e in exs)
       scored = model.score([(list(e.prompt), list(e.target)) for e in exs], length)
       scores += [s["exact_match"] for s in scored]
   rows, start = [], 0
@@ -153,25 +152,24 @@ class NiahGrid:
   samples: int = 4
   haystack: str = "filler"
   needle: str = "digits"
+  digits: int = 5
   protocol: str = "generate"
-  max_new_tokens: int = 12
   seed: int = 0
 
   def __post_init__(self):
     check_types(self)
-    check_positive(self, ("samples", "max_new_tokens"))
+    check_positive(self, ("samples", "digits"))
     check_protocol("NiahGrid", self.protocol)
 
   def run(self, model: Model) -> dict:
     cells = [({"length": length, "depth": depth},
               needle.niah(model.vocab, length=length, depth=depth, num=self.samples,
                           seed=self.seed, haystack=self.haystack, needle=self.needle,
-                          max_new_tokens=self.max_new_tokens))
+                          digits=self.digits))
              for length in lengths_or_default(self.lengths, model.train_length)
              for depth in self.depths]
     metric = "string_match_all" if self.protocol == "generate" else "exact_match"
-    rows = score_cells(model, cells, protocol=self.protocol, metric=metric,
-                       max_new_tokens=self.max_new_tokens)
+    rows = score_cells(model, cells, protocol=self.protocol, metric=metric)
     return probe_result(self.protocol, metric, "heatmap", "length", rows, y="depth")
 
 
@@ -179,43 +177,41 @@ RULER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multique
                "variable_tracking", "common_words", "frequent_words")
 
 
-def ruler_examples(task: str, vocab, *, length: int, num: int, seed: int,
-                   max_new_tokens: int) -> list:
+def ruler_examples(task: str, vocab, *, length: int, num: int, seed: int) -> list:
+  """A RULER task's examples at one length, each with its generator's answer budget."""
   if task.startswith("niah_"):
     return needle.ruler_niah(vocab, variant=task[len("niah_"):], length=length, num=num,
-                             seed=seed, max_new_tokens=max_new_tokens)
+                             seed=seed)
   generate = {"variable_tracking": ruler_probe.variable_tracking,
               "common_words": ruler_probe.common_words,
               "frequent_words": ruler_probe.frequent_words}[task]
-  return generate(vocab, length=length, num=num, seed=seed, max_new_tokens=max_new_tokens)
+  return generate(vocab, length=length, num=num, seed=seed)
 
 
 @register("ruler")
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class Ruler:
-  """NVIDIA RULER's synthetic tasks at each length, scored by string_match_all as RULER does."""
+  """NVIDIA RULER's synthetic tasks at each length (about 1024 tokens at least: their
+  instructions take room), scored by string_match_all as RULER does."""
   tasks: tuple[str, ...] = RULER_TASKS
   lengths: tuple[int, ...] | None = None
   samples: int = 4
-  max_new_tokens: int = 48
   seed: int = 0
 
   def __post_init__(self):
     check_types(self)
-    check_positive(self, ("samples", "max_new_tokens"))
+    check_positive(self, ("samples",))
     unknown = sorted(set(self.tasks) - set(RULER_TASKS))
     if unknown:
       raise ConfigError(f"Ruler.tasks has unknown tasks {unknown}; choose from {RULER_TASKS}.")
 
   def run(self, model: Model) -> dict:
     cells = [({"task": task, "length": length},
-              ruler_examples(task, model.vocab, length=length, num=self.samples, seed=self.seed,
-                             max_new_tokens=self.max_new_tokens))
+              ruler_examples(task, model.vocab, length=length, num=self.samples, seed=self.seed))
              for task in self.tasks
              for length in lengths_or_default(self.lengths, model.train_length)]
-    rows = score_cells(model, cells, protocol="generate", metric="string_match_all",
-                       max_new_tokens=self.max_new_tokens)
+    rows = score_cells(model, cells, protocol="generate", metric="string_match_all")
     return probe_result("generate", "string_match_all", "lines", "length", rows,
                         series="task")
 
@@ -227,12 +223,11 @@ class Phonebook:
   """Jelassi et al.'s phonebook lookup: exact match of the number, by book size."""
   entries: tuple[int, ...] = (8, 16, 32, 64)
   samples: int = 4
-  max_new_tokens: int = 16
   seed: int = 0
 
   def __post_init__(self):
     check_types(self)
-    check_positive(self, ("samples", "max_new_tokens"))
+    check_positive(self, ("samples",))
 
   def run(self, model: Model) -> dict:
     cells = []
@@ -240,8 +235,7 @@ class Phonebook:
       exs = phonebook_probe.phonebook(model.vocab, entries=entries, num=self.samples,
                                       seed=self.seed)
       cells.append(({"entries": entries, "length": max(e.meta["length"] for e in exs)}, exs))
-    rows = score_cells(model, cells, protocol="generate", metric="exact_match",
-                       max_new_tokens=self.max_new_tokens)
+    rows = score_cells(model, cells, protocol="generate", metric="exact_match")
     return probe_result("generate", "exact_match", "lines", "entries", rows, series=None)
 
 
@@ -250,7 +244,9 @@ class Phonebook:
 @dataclasses.dataclass(frozen=True)
 class Mqar:
   """Zoology's multi-query associative recall by number of pairs and length, teacher-forced
-  (every queried value right counts the example)."""
+  as zoology scores it: every query's value (the ones inside the prompt, at power-law gaps,
+  and the last one) predicted from the true tokens before it. score: the fraction of queried
+  values exactly right."""
   pairs: tuple[int, ...] = (4, 8, 16)
   lengths: tuple[int, ...] | None = None
   samples: int = 4
@@ -261,13 +257,18 @@ class Mqar:
     check_positive(self, ("samples",))
 
   def run(self, model: Model) -> dict:
-    cells = [({"pairs": pairs, "length": length},
-              mqar_probe.mqar(model.vocab, length=length, num_pairs=pairs, num=self.samples,
-                              seed=self.seed))
-             for pairs in self.pairs
-             for length in lengths_or_default(self.lengths, model.train_length)]
-    rows = score_cells(model, cells, protocol="teacher_forced", metric="exact_match",
-                       max_new_tokens=1)
+    rows = []
+    for pairs in self.pairs:
+      for length in lengths_or_default(self.lengths, model.train_length):
+        exs = mqar_probe.mqar(model.vocab, length=length, num_pairs=pairs, num=self.samples,
+                              seed=self.seed)
+        # One (prefix, value) pair per query: the prompt up to each in-prompt value, and the
+        # whole prompt before the last one.
+        queries = [(e.prompt[:a], e.prompt[a:b]) for e in exs for a, b in e.meta["value_spans"]]
+        queries += [(e.prompt, e.target) for e in exs]
+        scored = model.score([(list(p), list(t)) for p, t in queries], length)
+        rows.append({"pairs": pairs, "length": length, "n": len(scored),
+                     "score": float(np.mean([s["exact_match"] for s in scored]))})
     return probe_result("teacher_forced", "exact_match", "lines", "length", rows,
                         series="pairs")
 

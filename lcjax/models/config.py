@@ -57,6 +57,7 @@ class ModelConfig:
   dtype: str = "auto"
   remat: str = "none"
   init_std: float = 0.02
+  embed_init_std: float | None = None  # None: init_std
   attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
   mamba: MambaConfig = dataclasses.field(default_factory=MambaConfig)
   mlp: MLPConfig = dataclasses.field(default_factory=MLPConfig)

@@ -43,7 +43,8 @@ class LM(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs,
                sequence: SequenceSharding | None = None):
     self.config = config
-    self.embed = Embed(config.vocab_size, config.d_model, std=config.init_std,
+    embed_std = config.init_std if config.embed_init_std is None else config.embed_init_std
+    self.embed = Embed(config.vocab_size, config.d_model, std=embed_std,
                        dtype=config.compute_dtype, rngs=rngs)
     ops = LOCAL if sequence is None else sequence
     self.blocks = nnx.List([Block(config, s, rngs=rngs, ops=ops)

@@ -63,7 +63,7 @@ def test_lengths_are_exact(vocab, generator, lengths, kwargs):
 @pytest.mark.parametrize("needle_kind", needle.NEEDLES)
 @pytest.mark.parametrize("haystack", ["filler", "play"])
 def test_niah_oracle_and_lengths(vocab, depth, needle_kind, haystack):
-  max_new = needle.NEEDLE_CHARS[needle_kind] + 2
+  max_new = needle.default_max_new_tokens(needle_kind)
   for length in (128, 300, 1024) if needle_kind == "digits" else (300, 1024):
     for example in probes.niah(vocab, length=length, depth=depth, num=2, seed=1,
                                haystack=haystack, needle=needle_kind):

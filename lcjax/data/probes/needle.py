@@ -19,14 +19,19 @@ from lcjax.data.probes.base import (
 )
 
 NEEDLES = ("digits", "words", "uuid")
-# The longest needle of each kind, in characters: niah's default budget is this + 2 tokens
+# The longest needle of each other kind, in characters: niah's default budget is this + 2 tokens
 # (EOS, and a word-start piece a SentencePiece vocabulary may add).
 NEEDLE_CHARS = {
-    "digits": 7,
     "words": max(map(len, ADJECTIVES)) + 1 + max(map(len, NOUNS)),
     "uuid": 36,
 }
 VARIANTS = ("single", "multikey", "multivalue", "multiquery")
+
+
+def default_max_new_tokens(needle: str, digits: int = 5) -> int:
+  """niah's default generation budget: the needle's longest length in characters + 2."""
+  return (digits if needle == "digits" else NEEDLE_CHARS[needle]) + 2
+
 # RULER-style template (adapted): needles "One of the special magic numbers for KEY is: VALUE."
 RULER_PREFIX = (
     "Some special magic numbers are hidden in the text below. Memorize them: "
@@ -41,10 +46,12 @@ RULER_QUESTION = (
 RULER_NEEDLE_RE = r"One of the special magic numbers for ([a-z]+-[a-z]+) is: (\d+)\."
 
 
-def make_needle(rng: np.random.Generator, kind: str) -> str:
-  """A random needle: "digits" 5-7 digits, "words" adjective-noun, "uuid" 8-4-4-4-12 hex."""
+def make_needle(rng: np.random.Generator, kind: str, digits: int = 5) -> str:
+  """A random needle: "digits" `digits` digits (5, the passkey task's default, so a model
+  trained on passkey is asked for keys of the length it learned), "words" adjective-noun,
+  "uuid" 8-4-4-4-12 hex."""
   if kind == "digits":
-    return "".join(map(str, rng.integers(0, 10, size=int(rng.integers(5, 8)))))
+    return "".join(map(str, rng.integers(0, 10, size=digits)))
   if kind == "words":
     return f"{ADJECTIVES[rng.integers(len(ADJECTIVES))]}-{NOUNS[rng.integers(len(NOUNS))]}"
   if kind == "uuid":
@@ -63,13 +70,14 @@ def niah(
     seed: int,
     haystack: str = "filler",
     needle: str = "digits",
+    digits: int = 5,
     max_new_tokens: int | None = None,
 ) -> list[Example]:
   """Passkey retrieval at one (length, depth) cell.
 
   prompt = haystack[:depth] + KEY_LINE(needle) + haystack[depth:] + QUESTION; the target is
-  the needle then EOS; references = (needle,). max_new_tokens: None = NEEDLE_CHARS[needle]
-  + 2. meta: length, depth, haystack, needle, key, needle_offset (token index of the key line
+  the needle then EOS; references = (needle,). digits: the length of a "digits" needle.
+  max_new_tokens: None = the needle's longest length in characters + 2. meta: length, depth, haystack, needle, key, needle_offset (token index of the key line
   in the prompt).
   """
   if not 0 <= depth <= 1:
@@ -77,11 +85,11 @@ def niah(
   if needle not in NEEDLES:
     raise ValueError(f"Unknown needle {needle!r}; use one of {NEEDLES}.")
   if max_new_tokens is None:
-    max_new_tokens = NEEDLE_CHARS[needle] + 2
+    max_new_tokens = default_max_new_tokens(needle, digits)
   rng = cell_rng(seed, "niah", length=length, depth=depth, haystack=haystack, needle=needle)
   examples = []
   for _ in range(num):
-    key = make_needle(rng, needle)
+    key = make_needle(rng, needle, digits)
     prompt, (offset,) = assemble(
         vocab,
         budget=length - max_new_tokens,

@@ -1,0 +1,108 @@
+"""Why a tiny hybrid does or does not learn passkey retrieval: measurements on a run's checkpoints.
+
+    python experiments/demo_retrieval.py runs/demo [another workdir ...]
+
+For every checkpoint of each run (its gin config read from DIR/config.gin), on the validation
+passkey prompts:
+  digit_cosine    mean pairwise cosine similarity of the ten digit embeddings (input side): near
+                  1, the digits are one direction and no later block can tell them apart;
+  identity_share  at the input of the first attention block (after its norm), over every digit
+                  token, the share of the variance explained by which digit it is (between-
+                  digit / total): what attention can read of the digit it would copy;
+  exact_match     teacher-forced passkey exact match (every answer token right).
+"""
+
+import argparse
+import itertools
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def digit_ids(vocab) -> np.ndarray:
+  return np.array([vocab.encode(str(d))[-1] for d in range(10)])
+
+
+def digit_cosine(embedding: np.ndarray, ids: np.ndarray) -> float:
+  e = embedding[ids] / np.linalg.norm(embedding[ids], axis=1, keepdims=True)
+  pairs = list(itertools.combinations(range(len(ids)), 2))
+  return float(np.mean([e[i] @ e[j] for i, j in pairs]))
+
+
+def attention_inputs(model, batch) -> np.ndarray:
+  """The normalised input of the first attention block `[batch, seq, embed]`."""
+  from lcjax.models.attention import Attention
+
+  x = model.embed(batch["inputs"])
+  for block in model.blocks:
+    if isinstance(block.mixer, Attention):
+      return np.asarray(block.norm(x))
+    x = block(x, segment_ids=batch["segment_ids"], positions=batch["positions"])
+  raise ValueError("the model has no attention block")
+
+
+def identity_share(vectors: np.ndarray, labels: np.ndarray) -> float:
+  mean = vectors.mean(0)
+  total = ((vectors - mean) ** 2).sum()
+  between = sum((labels == c).sum() * ((vectors[labels == c].mean(0) - mean) ** 2).sum()
+                for c in np.unique(labels))
+  return float(between / total)
+
+
+def measure(workdir: str) -> list[dict]:
+  import gin
+  import jax
+  from flax import nnx
+
+  import lcjax.models.allocation  # noqa: F401  (configurables the saved config binds)
+  import lcjax.train.distributed  # noqa: F401
+  from lcjax.config import parse_gin
+  from lcjax.data.pipeline import make_eval_batches, vocabulary
+  from lcjax.eval.evaluate import evaluate
+  from lcjax.run import Run, build
+  from lcjax.train.checkpoint import Checkpointer
+
+  gin.clear_config()
+  parse_gin([os.path.join(os.path.abspath(workdir), "config.gin")], [])
+  run = Run.from_gin()
+  setup, vocab = build(run), vocabulary(run.data)
+  ids = digit_ids(vocab)
+  batches = make_eval_batches(run.data, "lcjax_passkey", 16, 4)
+  ckpt = Checkpointer(workdir, every=1, keep=run.train.keep_checkpoints, create=False)
+  rows = []
+  for step in ckpt.all_steps():
+    state, _ = ckpt.restore(step, setup.abstract_state(), gin.operative_config_str())
+    params = jax.device_get(state["params"])
+    model = nnx.merge(setup.graphdef, params)
+    vectors, labels = [], []
+    for batch in batches:
+      h = attention_inputs(model, batch)
+      is_digit = np.isin(batch["inputs"], ids) & (batch["segment_ids"] > 0)
+      vectors.append(h[is_digit])
+      labels.append(batch["inputs"][is_digit])
+    em = evaluate(setup.eval_step, state["params"], {"lcjax_passkey": batches})
+    rows.append({"run": workdir, "step": step,
+                 "digit_cosine": digit_cosine(np.asarray(params["embed"]["embedding"]), ids),
+                 "identity_share": identity_share(np.concatenate(vectors),
+                                                  np.concatenate(labels)),
+                 "exact_match": em["eval/lcjax_passkey/exact_match"]})
+  ckpt.close()
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("workdirs", nargs="+")
+  args = parser.parse_args()
+  print("| run | step | digit_cosine | identity_share | exact_match |\n|---|---|---|---|---|")
+  for workdir in args.workdirs:
+    for r in measure(workdir):
+      print(f"| {r['run']} | {r['step']} | {r['digit_cosine']:.3f} | "
+            f"{r['identity_share']:.3f} | {r['exact_match']:.2f} |")
+
+
+if __name__ == "__main__":
+  main()
