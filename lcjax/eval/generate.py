@@ -26,7 +26,6 @@ def bucket_length(n: int, min_bucket: int = 16) -> int:
   return 1 << (max(n, min_bucket) - 1).bit_length()
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
 def _prefill(graphdef, params, tokens, lengths, *, max_len):
   """tokens `[batch, bucket]` left-padded, lengths `[batch]` -> (the first generated token
   `[batch]` int32, the cache with room for max_len tokens)."""
@@ -36,7 +35,6 @@ def _prefill(graphdef, params, tokens, lengths, *, max_len):
   return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
 def _decode(graphdef, params, first, cache, eos_id, *, max_new_tokens):
   """Greedy steps from the first token `[batch]` -> int32 `[batch, max_new_tokens]`, eos_id
   after each row's first EOS. Stops early once every row has emitted EOS."""
@@ -56,6 +54,23 @@ def _decode(graphdef, params, first, cache, eos_id, *, max_new_tokens):
   out = jnp.full((first.shape[0], max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first)
   carry = (jnp.int32(1), first, first == eos_id, cache, out)
   return jax.lax.while_loop(running, step, carry)[-1]
+
+
+# The jitted (prefill, decode) of each graphdef seen, by id (a GraphDef is not hashable, so it
+# cannot be a static argument); the graphdef is kept so that its id stays its own.
+_JITTED: dict[int, tuple] = {}
+
+
+def _jitted(graphdef):
+  """(prefill, decode) jitted for `graphdef`, made once per graphdef so that later calls (a
+  sweep's next cell) reuse the compilations."""
+  entry = _JITTED.get(id(graphdef))
+  if entry is None or entry[0] is not graphdef:
+    entry = (graphdef,
+             jax.jit(functools.partial(_prefill, graphdef), static_argnames="max_len"),
+             jax.jit(functools.partial(_decode, graphdef), static_argnames="max_new_tokens"))
+    _JITTED[id(graphdef)] = entry
+  return entry[1:]
 
 
 def _batches(prompts, batch_size: int, min_bucket: int):
@@ -99,11 +114,12 @@ def greedy_generate(graphdef, params, prompts: Sequence[Sequence[int]], *, max_n
   results = [[] for _ in prompts]
   if max_new_tokens == 0:
     return results
+  prefill, decode = _jitted(graphdef)
   for bucket, indices in _batches(prompts, batch_size, min_bucket):
     tokens, lengths = _left_padded([prompts[i] for i in indices], bucket, batch_size)
-    first, cache = _prefill(graphdef, params, tokens, lengths, max_len=bucket + max_new_tokens)
-    out = np.asarray(_decode(graphdef, params, first, cache, jnp.int32(eos_id),
-                             max_new_tokens=max_new_tokens))
+    first, cache = prefill(params, tokens, lengths, max_len=bucket + max_new_tokens)
+    out = np.asarray(decode(params, first, cache, jnp.int32(eos_id),
+                            max_new_tokens=max_new_tokens))
     for row, i in enumerate(indices):
       ids = out[row].tolist()
       results[i] = ids[:ids.index(eos_id)] if eos_id in ids else ids
