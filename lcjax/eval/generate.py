@@ -35,9 +35,10 @@ def _prefill(graphdef, params, tokens, lengths, *, max_len):
   return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
 
 
-def _decode(graphdef, params, first, cache, eos_id, *, max_new_tokens):
+def _decode(graphdef, params, first, cache, eos_id, live, *, max_new_tokens):
   """Greedy steps from the first token `[batch]` -> int32 `[batch, max_new_tokens]`, eos_id
-  after each row's first EOS. Stops early once every row has emitted EOS."""
+  after each row's first EOS. Stops early once every live row (live `[batch]` bool: not a
+  dummy) has emitted EOS."""
   TRACES["decode"] += 1
 
   def running(carry):
@@ -52,7 +53,7 @@ def _decode(graphdef, params, first, cache, eos_id, *, max_new_tokens):
     return t + 1, token, done | (token == eos_id), cache, out
 
   out = jnp.full((first.shape[0], max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first)
-  carry = (jnp.int32(1), first, first == eos_id, cache, out)
+  carry = (jnp.int32(1), first, (first == eos_id) | ~live, cache, out)
   return jax.lax.while_loop(running, step, carry)[-1]
 
 
@@ -118,7 +119,8 @@ def greedy_generate(graphdef, params, prompts: Sequence[Sequence[int]], *, max_n
   for bucket, indices in _batches(prompts, batch_size, min_bucket):
     tokens, lengths = _left_padded([prompts[i] for i in indices], bucket, batch_size)
     first, cache = prefill(params, tokens, lengths, max_len=bucket + max_new_tokens)
-    out = np.asarray(decode(params, first, cache, jnp.int32(eos_id),
+    live = np.arange(batch_size) < len(indices)
+    out = np.asarray(decode(params, first, cache, jnp.int32(eos_id), live,
                             max_new_tokens=max_new_tokens))
     for row, i in enumerate(indices):
       ids = out[row].tolist()
