@@ -59,19 +59,22 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_tokens: Toke
 
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length: jax.Array,
-                     *, mask: Mask = Mask()) -> jax.Array:
-  """One decoding step: q `[batch, 1, heads, head_dim]` at position length - 1 over the first
-  `length` slots of the cache's k, v `[batch, max_len, kv_heads, head_dim]` -> out like q.
+                     *, start: jax.Array | None = None, mask: Mask = Mask()) -> jax.Array:
+  """One decoding step: q `[batch, 1, heads, head_dim]` in slot length - 1 over the slots
+  [start, length) of the cache's k, v `[batch, max_len, kv_heads, head_dim]` -> out like q.
 
-  The cache holds one document per row, a slot's index and position being the slot; slots from
-  `length` on are padding. length: int32 scalar (or `[batch]`), >= 1. Float32 scores and
-  softmax, as the reference.
+  The cache holds one document per row: slot s is its token at position s - start (the causal
+  index is the slot). Slots before `start` (left padding of a shorter prompt) and from `length`
+  on are padding. length: int32 scalar (or `[batch]`), > start; start: int32 `[batch]` (or
+  scalar), None for 0. Float32 scores and softmax, as the reference.
   """
   batch, max_len = k_cache.shape[:2]
-  last = jnp.broadcast_to(jnp.reshape(jnp.asarray(length, jnp.int32), (-1, 1)) - 1, (batch, 1))
+  column = lambda a: jnp.broadcast_to(jnp.reshape(jnp.asarray(a, jnp.int32), (-1, 1)), (batch, 1))
+  last, first = column(length) - 1, column(0 if start is None else start)
   slots = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
-  kv_tokens = Tokens(jnp.where(slots <= last, 1, PAD_KEY), slots, slots)
-  q_tokens = Tokens(jnp.ones_like(last), last, last)
+  real = (slots >= first) & (slots <= last)
+  kv_tokens = Tokens(jnp.where(real, 1, PAD_KEY), slots, slots - first)
+  q_tokens = Tokens(jnp.ones_like(last), last, last - first)
   return reference_attention(q, k_cache, v_cache, q_tokens, kv_tokens, mask=mask)[0]
 
 

@@ -88,10 +88,13 @@ def attention_flops(cfg: AttentionConfig, d_model: int, seq_len: int) -> float:
 
 class KVCache(NamedTuple):
   """Keys and values (after RoPE) `[batch, max_len, kv_heads, head_dim]` in the compute dtype;
-  index: int32 scalar, the number of filled positions (= the next token's position)."""
+  index: int32 scalar, the number of filled slots (the next token's slot); start: int32
+  `[batch]`, each row's first real slot (a prompt shorter than the prefill is left-padded), so
+  slot s holds position s - start."""
   k: jax.Array
   v: jax.Array
   index: jax.Array
+  start: jax.Array
 
 
 def _check_room(index: jax.Array, max_len: int) -> None:
@@ -145,43 +148,49 @@ class Attention(nnx.Module):
     return self._out(self.ops.attention(q, k, v, segment_ids, positions, mask=self.mask,
                                         **self.kernel))
 
-  # --- decoding (one device; one document per row, positions 0, 1, ...) ---
+  # --- decoding (one device; one document per row, left-padded to a common prompt length) ---
 
   def init_cache(self, batch: int, max_len: int) -> KVCache:
     shape = (batch, max_len, self.k.shape[1], self.k.shape[2])
     return KVCache(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype),
-                   index=jnp.zeros((), jnp.int32))
+                   index=jnp.zeros((), jnp.int32), start=jnp.zeros((batch,), jnp.int32))
 
-  def prefill(self, x: jax.Array, cache: KVCache, *,
+  def prefill(self, x: jax.Array, cache: KVCache, *, segment_ids: jax.Array | None = None,
               positions: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Attention over a prompt `[batch, k, embed]`, writing its keys/values into the empty
-    `cache` (from `init_cache(batch, max_len)`, max_len >= k). positions default to 0..k-1."""
+    `cache` (from `init_cache(batch, max_len)`, max_len >= k).
+
+    segment_ids `[batch, k]`: None for all ones, else left padding (0) then the prompt (1);
+    positions `[batch, k]` default to 0..k-1 (with padding: 0 at the first real token).
+    """
     batch, seq, _ = x.shape
     if seq > cache.k.shape[1]:
       raise ValueError(f"Attention.prefill of {seq} tokens into a KV cache of max_len="
                        f"{cache.k.shape[1]}: pass max_len >= {seq} to init_cache.")
+    if segment_ids is None:
+      segment_ids = jnp.ones((batch, seq), jnp.int32)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     q, k, v = self._qkv(x, positions)
-    y = self._out(LOCAL.attention(q, k, v, jnp.ones((batch, seq), jnp.int32), positions,
-                                  mask=self.mask, **self.kernel))
+    y = self._out(LOCAL.attention(q, k, v, segment_ids, positions, mask=self.mask,
+                                  **self.kernel))
     update = lambda buf, new: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype),
                                                            (0, 0, 0, 0))
+    start = jnp.sum(segment_ids == 0, axis=1, dtype=jnp.int32)  # the padding is all in front
     return y, KVCache(k=update(cache.k, k), v=update(cache.v, v),
-                      index=jnp.asarray(seq, jnp.int32))
+                      index=jnp.asarray(seq, jnp.int32), start=start)
 
   def step(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """One token `[batch, embed]` at position cache.index -> (`[batch, embed]`, cache).
+    """One token `[batch, embed]` in slot cache.index -> (`[batch, embed]`, cache).
 
     Fails (ValueError; under jit, when the step runs) once cache.index reaches max_len.
     """
     _check_room(cache.index, cache.k.shape[1])
-    batch = x.shape[0]
-    positions = jnp.broadcast_to(cache.index, (batch, 1))
+    positions = (cache.index - cache.start)[:, None]
     q, k, v = self._qkv(x[:, None], positions)
     start = (0, cache.index, 0, 0)
     ks = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
     vs = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
     out = attention_kernels.decode_attention(q, ks.astype(q.dtype), vs.astype(q.dtype),
-                                             cache.index + 1, mask=self.mask)
-    return self._out(out)[:, 0], KVCache(k=ks, v=vs, index=cache.index + 1)
+                                             cache.index + 1, start=cache.start, mask=self.mask)
+    return self._out(out)[:, 0], cache._replace(k=ks, v=vs, index=cache.index + 1)

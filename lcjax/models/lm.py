@@ -21,8 +21,9 @@ class Block(nnx.Module):
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
     return x + self.mixer(self.norm(x), segment_ids=segment_ids, positions=positions)
 
-  def prefill(self, x: jax.Array, cache, *, positions: jax.Array):
-    y, cache = self.mixer.prefill(self.norm(x), cache, positions=positions)
+  def prefill(self, x: jax.Array, cache, *, segment_ids: jax.Array, positions: jax.Array):
+    y, cache = self.mixer.prefill(self.norm(x), cache, segment_ids=segment_ids,
+                                  positions=positions)
     return x + y, cache
 
   def step(self, x: jax.Array, cache):
@@ -78,22 +79,32 @@ class LM(nnx.Module):
     return jnp.einsum("bsd,dv->bsv", x, self.lm_head[...].astype(x.dtype),
                       preferred_element_type=jnp.float32)
 
-  # --- decoding: one document per row, positions 0, 1, ... ---
+  # --- decoding: one document per row, prompts left-padded to a common length ---
 
   def init_cache(self, batch: int, max_len: int) -> list:
     """Per block: a KV cache (attention, max_len slots), SSM + conv states (Mamba-2) or None
     (MLP). A pytree of arrays, so `decode_step` can be jitted with it."""
     return [block.mixer.init_cache(batch, max_len) for block in self.blocks]
 
-  def prefill(self, tokens: jax.Array, cache: list) -> tuple[jax.Array, list]:
+  def prefill(self, tokens: jax.Array, cache: list,
+              lengths: jax.Array | None = None) -> tuple[jax.Array, list]:
     """tokens `[batch, k]` and an empty cache from `init_cache(batch, max_len)` (max_len >= k
-    plus the tokens to decode) -> (float32 logits `[batch, k, vocab]`, the filled cache)."""
+    plus the tokens to decode) -> (float32 logits `[batch, k, vocab]`, the filled cache).
+
+    lengths `[batch]` int32: each row's prompt length, its tokens right-aligned in `tokens`
+    after k - length pad tokens (None: every row is k long). Pads are a document of their own
+    (segment 0; the prompt is segment 1) at position 0, which no mixer lets reach the prompt:
+    the real positions' logits are the unpadded prompt's; the pads' are meaningless.
+    """
     batch, seq = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    slots = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    pad = jnp.zeros((batch, 1), jnp.int32) if lengths is None else seq - lengths[:, None]
+    segment_ids = (slots >= pad).astype(jnp.int32)
+    positions = jnp.maximum(slots - pad, 0)
     x = self.embed(tokens)
     new_cache = []
     for block, c in zip(self.blocks, cache, strict=True):
-      x, c = block.prefill(x, c, positions=positions)
+      x, c = block.prefill(x, c, segment_ids=segment_ids, positions=positions)
       new_cache.append(c)
     return self._logits(x), new_cache
 

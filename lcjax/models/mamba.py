@@ -273,18 +273,25 @@ class Mamba2(nnx.Module):
         ssm=jnp.zeros((batch, self.nheads, self.headdim, self.d_state), jnp.float32))
 
   def prefill(self, x: jax.Array, cache: MambaCache | None = None, *,
+              segment_ids: jax.Array | None = None,
               positions: jax.Array | None = None) -> tuple[jax.Array, MambaCache]:
     """The forward over a prompt `[batch, k, embed]` (one document per row, on one device)
     and its cache.
 
-    `cache`, if given, must be empty (from `init_cache`): prefill starts from zero states.
+    segment_ids `[batch, k]`: None for all ones, else left padding (0) then the prompt (1).
+    The conv and the SSD keep documents apart, so the padding reaches neither the prompt's
+    outputs nor the final state (`ssd`'s is the last document's); the conv cache holds zeros,
+    not padding, in front of a prompt shorter than d_conv - 1. `cache`, if given, must be empty
+    (from `init_cache`): prefill starts from zero states.
     """
     del cache, positions
-    segment_ids = jnp.ones(x.shape[:2], jnp.int32)
+    if segment_ids is None:
+      segment_ids = jnp.ones(x.shape[:2], jnp.int32)
     z, args, conv_in = self._ssd_inputs(x, segment_ids, LOCAL)
     y, state = ssd(*args, chunk_size=self.chunk_size, segment_ids=segment_ids, impl=self.impl)
     y = self._output(y, args[0], z)
-    conv_in = jnp.concatenate(conv_in, axis=-1)
+    real = (segment_ids != 0)[..., None]
+    conv_in = jnp.where(real, jnp.concatenate(conv_in, axis=-1), 0)
     keep = self.d_conv - 1
     conv_in = jnp.pad(conv_in, ((0, 0), (keep, 0), (0, 0)))[:, conv_in.shape[1]:]
     return y, MambaCache(conv=conv_in.astype(self.dtype), ssm=state.astype(jnp.float32))

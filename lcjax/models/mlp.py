@@ -50,8 +50,9 @@ class MLP(nnx.Module):
   def init_cache(self, batch: int, max_len: int | None = None) -> None:
     del batch, max_len
 
-  def prefill(self, x: jax.Array, cache=None, *, positions=None) -> tuple[jax.Array, None]:
-    del cache, positions
+  def prefill(self, x: jax.Array, cache=None, *, segment_ids=None,
+              positions=None) -> tuple[jax.Array, None]:
+    del cache, segment_ids, positions
     return self(x), None
 
   def step(self, x: jax.Array, cache=None) -> tuple[jax.Array, None]:

@@ -9,7 +9,8 @@ in `ModelConfig`, and a module with the mixers' interface:
                                                   ops: `lcjax.kernels.ops.LocalOps` or a
                                                   `lcjax.parallel.sequence.SequenceSharding`
     mixer(x, *, segment_ids, positions) -> y      x, y `[batch, seq, d_model]`
-    init_cache(batch, max_len), prefill(x, cache, *, positions), step(x_t, cache)  (decoding)
+    init_cache(batch, max_len), prefill(x, cache, *, segment_ids, positions),
+    step(x_t, cache)                              (decoding)
 
 Parameter counts come from the modules themselves (`lcjax.models.report.counted_params`).
 """

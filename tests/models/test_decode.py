@@ -14,6 +14,7 @@ from lcjax.models.config import ModelConfig
 from lcjax.models.lm import LM
 from lcjax.models.mamba import MambaCache, MambaConfig
 from lcjax.models.mlp import MLPConfig
+from tests.numerics import F32, assert_close
 
 # d_conv 4 and chunks of 16: k = 1 and 2 are shorter than the conv window (d_conv - 1 = 3),
 # k = 21 is not a multiple of the chunk and spans two.
@@ -32,8 +33,8 @@ def forward(model, tokens):
 
 
 @nnx.jit(static_argnums=2)
-def prefill(model, tokens, max_len):
-  return model.prefill(tokens, model.init_cache(tokens.shape[0], max_len))
+def prefill(model, tokens, max_len, lengths=None):
+  return model.prefill(tokens, model.init_cache(tokens.shape[0], max_len), lengths)
 
 
 @nnx.jit
@@ -66,6 +67,33 @@ def test_prefill_then_steps_match_forward(rng, pattern, position_encoding, windo
     got, _ = decode(model, tokens, k)
     assert got.dtype == jnp.float32 and got.shape == want.shape
     np.testing.assert_allclose(got / scale, want / scale, atol=2e-6, err_msg=f"k={k}")
+
+
+@pytest.mark.parametrize("window, sinks", [(None, 0), (5, 2)])
+def test_left_padded_prompts_match_each_prompt_alone(rng, window, sinks):
+  """Prompts of lengths 1..k left-padded into one prefill (junk in the pad slots), then each
+  row's own continuation decoded: every real position's logits are those of the row's
+  unpadded forward, and the caches hold nothing of the pads."""
+  cfg = dataclasses.replace(CFG, pattern="M*M-", attention=dataclasses.replace(
+      CFG.attention, window=window, sinks=sinks))
+  model = LM(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  lengths, k, steps = np.array([1, 2, 9, 12], np.int32), 12, 5
+  rows = rng.integers(0, cfg.vocab_size, (len(lengths), k + steps)).astype(np.int32)
+  want = forward(model, jnp.asarray(rows))  # causal: what follows a row's real tokens is unseen
+  tokens = rng.integers(0, cfg.vocab_size, (len(lengths), k)).astype(np.int32)
+  for i, n in enumerate(lengths):
+    tokens[i, k - n:] = rows[i, :n]
+  logits, cache = prefill(model, jnp.asarray(tokens), k + steps, jnp.asarray(lengths))
+  for i, n in enumerate(lengths):
+    assert_close(logits[i, k - n:], want[i, :n], F32, f"prefill, row {i} (length {n})")
+  mamba, kv = cache[0], cache[1]
+  np.testing.assert_array_equal(kv.start, k - lengths)
+  np.testing.assert_array_equal(mamba.conv[0, :-1], 0.0)  # length 1 < d_conv - 1
+  for t in range(steps):
+    step_logits, cache = decode_step(model, jnp.asarray(rows[np.arange(len(lengths)),
+                                                             lengths + t]), cache)
+    for i, n in enumerate(lengths):
+      assert_close(step_logits[i], want[i, n + t], F32, f"step {t}, row {i} (length {n})")
 
 
 def test_cache_structure():
