@@ -1,10 +1,12 @@
 """Passkey retrieval: find a number hidden at some depth in filler text.
 
-One example is two text segments, a prompt and its answer:
+One example is a prompt and its answer:
   prompt = filler[:cut] + KEY_LINE + filler[cut:] + QUESTION
   answer = the passkey digits
 Loss is on the answer digits and on the EOS after them (so the model also
-learns that the answer ends there); never on the prompt.
+learns that the answer ends there), and, with `copy_loss`, in training on the
+key's second mention in KEY_LINE (a copy of the first, 14 bytes back).
+The prompt is kept as three segments around that second mention.
 """
 import dataclasses
 from typing import Optional
@@ -21,6 +23,7 @@ FILLER = (
 )
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "What is the pass key? The pass key is "
+SECOND_MENTION = "Remember it. {key}"  # where KEY_LINE repeats the key
 # Matches a decoded prompt; group 1 is the key the prompt announces.
 PROMPT_RE = r"The pass key is (\d+)\. Remember it\. \1 is the pass key\. "
 
@@ -37,11 +40,14 @@ class PasskeyConfig:
     short ones pack into a row). Validation prompts are always prompt_bytes long.
   depth: where the key line goes, as a fraction of the filler; None = uniform
     random per example.
+  copy_loss: training examples also have a loss on the key's second mention
+    (retrieval at a short range, the same copy the answer needs at a long one).
   """
 
   prompt_bytes: Optional[int] = None
   min_prompt_bytes: Optional[int] = None
   depth: Optional[float] = None
+  copy_loss: bool = False
   digits: int = 5
   num_train: int = 20000
   num_validation: int = 256
@@ -93,7 +99,8 @@ def make_prompt(key: str, depth: float, prompt_bytes: int) -> str:
 def generate(cfg: PasskeyConfig, split: str, sequence_length: int):
   """Generates a split deterministically from its seed.
 
-  Returns (segments [n, 2] str, loss [n, 2] int32): columns prompt, answer.
+  Returns (segments [n, 4] str, loss [n, 4] int32): the prompt up to the key's
+  second mention, that mention, the rest of the prompt, the answer.
   """
   prompt_bytes = resolve_prompt_bytes(cfg, sequence_length)
   n, seed = (
@@ -111,6 +118,9 @@ def generate(cfg: PasskeyConfig, split: str, sequence_length: int):
   segments = []
   for k, d, length in zip(keys, depths, lengths):
     key = "".join(map(str, k))
-    segments.append([make_prompt(key, float(d), int(length)), key])
-  loss = np.tile(np.array([[0, 1]], np.int32), (n, 1))
+    prompt = make_prompt(key, float(d), int(length))
+    second = prompt.index(SECOND_MENTION.format(key=key)) + len(SECOND_MENTION.format(key=""))
+    segments.append([prompt[:second], key, prompt[second + len(key):], key])
+  copy = int(cfg.copy_loss and split == "train")
+  loss = np.tile(np.array([[0, copy, 0, 1]], np.int32), (n, 1))
   return np.array(segments, dtype=object), loss

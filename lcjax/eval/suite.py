@@ -15,6 +15,7 @@ Lengths left as None are 1x, 2x and 4x the training length: beyond it on purpose
 Examples come from `lcjax.data.probes`, deterministic in each probe's seed.
 """
 
+import contextlib
 import dataclasses
 from typing import Callable, Sequence
 
@@ -23,8 +24,7 @@ import numpy as np
 
 from lcjax.config import check_positive, check_types
 from lcjax.data import shakespeare
-from lcjax.data.probes import mqar as mqar_probe
-from lcjax.data.probes import needle, phonebook as phonebook_probe, ruler as ruler_probe
+from lcjax.data import probes
 from lcjax.errors import ConfigError
 from lcjax.eval import teacher_forced
 from lcjax.eval.generate import greedy_generate
@@ -133,6 +133,17 @@ def score_cells(model: Model, cells: Sequence[tuple[dict, list]], *, protocol: s
   return rows
 
 
+@dataclasses.dataclass(frozen=True)
+class Sampled:
+  """What the example-based probes share: `samples` examples per cell, drawn from `seed`."""
+  samples: int = 4
+  seed: int = 0
+
+  def __post_init__(self):
+    check_types(self)
+    check_positive(self, ("samples",))
+
+
 def probe_result(protocol: str, metric: str, plot: str, x: str, rows: list, **axes) -> dict:
   return {"protocol": protocol, "metric": metric, "plot": plot, "x": x, **axes, "rows": rows}
 
@@ -140,7 +151,7 @@ def probe_result(protocol: str, metric: str, plot: str, x: str, rows: list, **ax
 @register("niah_grid")
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class NiahGrid:
+class NiahGrid(Sampled):
   """Passkey / needle in a haystack: lengths x depths, `samples` needles per cell.
 
   haystack: "filler" (the passkey task's sentences) or "play" (a held-out Shakespeare play);
@@ -149,21 +160,19 @@ class NiahGrid:
   """
   lengths: tuple[int, ...] | None = None
   depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-  samples: int = 4
   haystack: str = "filler"
   needle: str = "digits"
   digits: int = 5
   protocol: str = "generate"
-  seed: int = 0
 
   def __post_init__(self):
-    check_types(self)
-    check_positive(self, ("samples", "digits"))
+    super().__post_init__()
+    check_positive(self, ("digits",))
     check_protocol("NiahGrid", self.protocol)
 
   def run(self, model: Model) -> dict:
     cells = [({"length": length, "depth": depth},
-              needle.niah(model.vocab, length=length, depth=depth, num=self.samples,
+              probes.niah(model.vocab, length=length, depth=depth, num=self.samples,
                           seed=self.seed, haystack=self.haystack, needle=self.needle,
                           digits=self.digits))
              for length in lengths_or_default(self.lengths, model.train_length)
@@ -180,28 +189,25 @@ RULER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multique
 def ruler_examples(task: str, vocab, *, length: int, num: int, seed: int) -> list:
   """A RULER task's examples at one length, each with its generator's answer budget."""
   if task.startswith("niah_"):
-    return needle.ruler_niah(vocab, variant=task[len("niah_"):], length=length, num=num,
+    return probes.ruler_niah(vocab, variant=task[len("niah_"):], length=length, num=num,
                              seed=seed)
-  generate = {"variable_tracking": ruler_probe.variable_tracking,
-              "common_words": ruler_probe.common_words,
-              "frequent_words": ruler_probe.frequent_words}[task]
+  generate = {"variable_tracking": probes.variable_tracking,
+              "common_words": probes.common_words,
+              "frequent_words": probes.frequent_words}[task]
   return generate(vocab, length=length, num=num, seed=seed)
 
 
 @register("ruler")
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class Ruler:
+class Ruler(Sampled):
   """NVIDIA RULER's synthetic tasks at each length (about 1024 tokens at least: their
   instructions take room), scored by string_match_all as RULER does."""
   tasks: tuple[str, ...] = RULER_TASKS
   lengths: tuple[int, ...] | None = None
-  samples: int = 4
-  seed: int = 0
 
   def __post_init__(self):
-    check_types(self)
-    check_positive(self, ("samples",))
+    super().__post_init__()
     unknown = sorted(set(self.tasks) - set(RULER_TASKS))
     if unknown:
       raise ConfigError(f"Ruler.tasks has unknown tasks {unknown}; choose from {RULER_TASKS}.")
@@ -219,21 +225,14 @@ class Ruler:
 @register("phonebook")
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class Phonebook:
+class Phonebook(Sampled):
   """Jelassi et al.'s phonebook lookup: exact match of the number, by book size."""
   entries: tuple[int, ...] = (8, 16, 32, 64)
-  samples: int = 4
-  seed: int = 0
-
-  def __post_init__(self):
-    check_types(self)
-    check_positive(self, ("samples",))
 
   def run(self, model: Model) -> dict:
     cells = []
     for entries in self.entries:
-      exs = phonebook_probe.phonebook(model.vocab, entries=entries, num=self.samples,
-                                      seed=self.seed)
+      exs = probes.phonebook(model.vocab, entries=entries, num=self.samples, seed=self.seed)
       cells.append(({"entries": entries, "length": max(e.meta["length"] for e in exs)}, exs))
     rows = score_cells(model, cells, protocol="generate", metric="exact_match")
     return probe_result("generate", "exact_match", "lines", "entries", rows, series=None)
@@ -242,26 +241,20 @@ class Phonebook:
 @register("mqar")
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class Mqar:
+class Mqar(Sampled):
   """Zoology's multi-query associative recall by number of pairs and length, teacher-forced
   as zoology scores it: every query's value (the ones inside the prompt, at power-law gaps,
   and the last one) predicted from the true tokens before it. score: the fraction of queried
   values exactly right."""
   pairs: tuple[int, ...] = (4, 8, 16)
   lengths: tuple[int, ...] | None = None
-  samples: int = 4
-  seed: int = 0
-
-  def __post_init__(self):
-    check_types(self)
-    check_positive(self, ("samples",))
 
   def run(self, model: Model) -> dict:
     rows = []
     for pairs in self.pairs:
       for length in lengths_or_default(self.lengths, model.train_length):
-        exs = mqar_probe.mqar(model.vocab, length=length, num_pairs=pairs, num=self.samples,
-                              seed=self.seed)
+        exs = probes.mqar(model.vocab, length=length, num_pairs=pairs, num=self.samples,
+                          seed=self.seed)
         # One (prefix, value) pair per query: the prompt up to each in-prompt value, and the
         # whole prompt before the last one.
         queries = [(e.prompt[:a], e.prompt[a:b]) for e in exs for a, b in e.meta["value_spans"]]
@@ -309,15 +302,18 @@ class PplByPosition:
 
 def run_suite(model: Model, names: Sequence[str], scope: str | None = None) -> dict:
   """{name: probe result} for each named probe, configured from gin (within `scope` if given:
-  the in-loop probes read `in_loop/...` bindings)."""
+  the in-loop probes read `in_loop/...` bindings). A cell its generator cannot build (a length
+  too short for the task's text) is a ConfigError naming the probe."""
   results = {}
   for name in names:
-    if scope:
-      with gin.config_scope(scope):
-        probe = PROBES[name]()
-    else:
+    with gin.config_scope(scope) if scope else contextlib.nullcontext():
       probe = PROBES[name]()
-    results[name] = probe.run(model)
+    try:
+      results[name] = probe.run(model)
+    except probes.CellError as e:
+      raise ConfigError(f"Probe {name!r} ({type(probe).__name__}): {e}. Fix: set "
+                        f"{'in_loop/' if scope else ''}{type(probe).__name__}.lengths (or its "
+                        f"other cell sizes) to ones the task fits.") from e
   return results
 
 

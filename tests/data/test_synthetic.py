@@ -60,8 +60,8 @@ def test_mqar_answers_recoverable_for_every_validation_example():
 def test_passkey_depth_is_honoured(depth):
   cfg = passkey.PasskeyConfig(depth=depth, prompt_bytes=2000, num_validation=8)
   segments, loss = passkey.generate(cfg, "validation", sequence_length=4096)
-  assert np.array_equal(loss, [[0, 1]] * 8)
-  for prompt, key in segments:
+  assert np.array_equal(loss, [[0, 0, 0, 1]] * 8)
+  for prompt, key in map(_prompt_and_key, segments):
     assert len(prompt) <= 2000
     line = passkey.KEY_LINE.format(key=key)
     filler = prompt.replace(line, "")[: -len(passkey.QUESTION)]
@@ -82,8 +82,30 @@ def test_passkey_random_depth_and_gin(gin_bindings):
   # Default depth is random: positions spread over the prompt.
   unbound = passkey.PasskeyConfig(depth=None, num_validation=256)
   segments, _ = passkey.generate(unbound, "validation", 512)
-  where = [p.index("The pass key is") / len(p) for p, _ in segments]
+  where = [p.index("The pass key is") / len(p) for p, _ in map(_prompt_and_key, segments)]
   assert min(where) < 0.1 and max(where) > 0.7
+
+
+def _prompt_and_key(row) -> tuple[str, str]:
+  """A passkey example's segments (prompt in three pieces, then the answer) -> (prompt, key)."""
+  return "".join(row[:3]), row[3]
+
+
+def test_passkey_copy_loss_marks_the_keys_second_mention_in_training_only():
+  cfg = passkey.PasskeyConfig(copy_loss=True, num_train=4, num_validation=4)
+  for split, copy in (("train", 1), ("validation", 0)):
+    segments, loss = passkey.generate(cfg, split, sequence_length=256)
+    assert np.array_equal(loss, [[0, copy, 0, 1]] * 4)
+    for row in segments:
+      assert row[1] == row[3] and row[0].endswith(f"The pass key is {row[3]}. Remember it. ")
+
+
+def test_passkey_min_prompt_bytes_varies_training_lengths_only():
+  cfg = passkey.PasskeyConfig(min_prompt_bytes=100, num_train=64, num_validation=8)
+  train = [len(p) for p, _ in map(_prompt_and_key, passkey.generate(cfg, "train", 256)[0])]
+  valid = [len(p) for p, _ in map(_prompt_and_key, passkey.generate(cfg, "validation", 256)[0])]
+  assert min(train) < 150 < max(train) <= 250
+  assert min(valid) > 200  # every validation prompt fills the row
 
 
 def test_synthetic_generation_is_deterministic():

@@ -9,6 +9,7 @@ import time
 import gin
 
 # What the CLIs import before parsing gin: every configurable a run's gin files may bind.
+import lcjax.eval.suite  # noqa: F401
 import lcjax.models.allocation  # noqa: F401
 import lcjax.run  # noqa: F401
 import lcjax.train.distributed  # noqa: F401

@@ -3,13 +3,14 @@ returns a list of base.Example, deterministic in (seed, cell), with token-exact 
 
 The evaluation suite (lcjax/eval/suite.py) names and wraps them.
 """
-from lcjax.data.probes.base import Example
+from lcjax.data.probes.base import CellError, Example
 from lcjax.data.probes.mqar import mqar
 from lcjax.data.probes.needle import niah, ruler_niah
 from lcjax.data.probes.phonebook import phonebook
 from lcjax.data.probes.ruler import common_words, frequent_words, variable_tracking
 
 __all__ = [
+    "CellError",
     "Example",
     "common_words",
     "frequent_words",

@@ -33,6 +33,11 @@ _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 
 
+class CellError(ValueError):
+  """A probe cell its generator cannot build: a length too short for the task's fixed text, an
+  unknown needle or haystack, more entries than distinct values."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Example:
   """One probe example.
@@ -61,7 +66,7 @@ def target_ids(vocab, answer: str, max_new_tokens: int) -> tuple[int, ...]:
   """`answer` then EOS, checked to fit the generation budget."""
   ids = tuple(vocab.encode(answer)) + (vocab.eos_id,)
   if len(ids) > max_new_tokens:
-    raise ValueError(
+    raise CellError(
         f"Answer {answer!r} takes {len(ids)} tokens with EOS, over max_new_tokens="
         f"{max_new_tokens}. Fix: raise max_new_tokens."
     )
@@ -93,7 +98,7 @@ def haystack_units(source: str, rng: np.random.Generator) -> Iterator[str]:
     lines = plays[int(rng.integers(len(plays)))].splitlines(keepends=True)
     start = int(rng.integers(len(lines)))
     return itertools.cycle(lines[start:] + lines[:start])
-  raise ValueError(f"Unknown haystack {source!r}; use one of {HAYSTACKS}.")
+  raise CellError(f"Unknown haystack {source!r}; use one of {HAYSTACKS}.")
 
 
 def cut_haystack(vocab, units: Iterable[str], count: int) -> tuple[list[int], list[int]]:
@@ -137,7 +142,7 @@ def assemble(
   pieces = [vocab.encode(text) for _, text in inserts]
   count = budget - len(head) - len(tail) - sum(map(len, pieces))
   if count < 0:
-    raise ValueError(
+    raise CellError(
         f"A prompt budget of {budget} tokens cannot hold the probe's fixed text "
         f"({budget - count} tokens). Fix: raise length (or lower max_new_tokens)."
     )
@@ -163,7 +168,7 @@ def fit_count(build, budget: int, lo: int, hi: int) -> tuple[int, list[int]]:
   """
   best = build(lo)
   if len(best) > budget:
-    raise ValueError(
+    raise CellError(
         f"A prompt budget of {budget} tokens cannot hold even the smallest instance "
         f"({len(best)} tokens). Fix: raise length (or lower max_new_tokens)."
     )

@@ -11,7 +11,8 @@ generated answer is the farthest recall of the example.
 import numpy as np
 
 from lcjax.data import mqar as mqar_task
-from lcjax.data.probes.base import Example, assemble, cell_rng, haystack_units, target_ids
+from lcjax.data.probes.base import (CellError, Example, assemble, cell_rng, haystack_units,
+                                     target_ids)
 
 
 def power_law_depths(rng: np.random.Generator, n: int, power_a: float, space: int = 1024):
@@ -41,7 +42,7 @@ def mqar(
   """
   num_queries = num_pairs if num_queries is None else num_queries
   if not 0 < num_queries <= num_pairs <= len(mqar_task.VALUE_TEXT):
-    raise ValueError(
+    raise CellError(
         f"mqar needs 1 <= num_queries ({num_queries}) <= num_pairs ({num_pairs}) <= "
         f"{len(mqar_task.VALUE_TEXT)} (distinct values)."
     )

@@ -11,6 +11,7 @@ from lcjax.data import passkey
 from lcjax.data.probes.base import (
     ADJECTIVES,
     NOUNS,
+    CellError,
     Example,
     assemble,
     cell_rng,
@@ -58,7 +59,7 @@ def make_needle(rng: np.random.Generator, kind: str, digits: int = 5) -> str:
     hex_digits = "".join("0123456789abcdef"[i] for i in rng.integers(0, 16, size=32))
     cuts = np.cumsum([0, 8, 4, 4, 4, 12])
     return "-".join(hex_digits[a:b] for a, b in zip(cuts[:-1], cuts[1:]))
-  raise ValueError(f"Unknown needle {kind!r}; use one of {NEEDLES}.")
+  raise CellError(f"Unknown needle {kind!r}; use one of {NEEDLES}.")
 
 
 def niah(
@@ -77,13 +78,13 @@ def niah(
 
   prompt = haystack[:depth] + KEY_LINE(needle) + haystack[depth:] + QUESTION; the target is
   the needle then EOS; references = (needle,). digits: the length of a "digits" needle.
-  max_new_tokens: None = the needle's longest length in characters + 2. meta: length, depth, haystack, needle, key, needle_offset (token index of the key line
-  in the prompt).
+  max_new_tokens: None = the needle's longest length in characters + 2. meta: length, depth,
+  haystack, needle, key, needle_offset (token index of the key line in the prompt).
   """
   if not 0 <= depth <= 1:
-    raise ValueError(f"depth={depth} is outside [0, 1].")
+    raise CellError(f"depth={depth} is outside [0, 1].")
   if needle not in NEEDLES:
-    raise ValueError(f"Unknown needle {needle!r}; use one of {NEEDLES}.")
+    raise CellError(f"Unknown needle {needle!r}; use one of {NEEDLES}.")
   if max_new_tokens is None:
     max_new_tokens = default_max_new_tokens(needle, digits)
   rng = cell_rng(seed, "niah", length=length, depth=depth, haystack=haystack, needle=needle)
@@ -110,7 +111,7 @@ def _ruler_needles(rng, variant: str, num_needles: int):
   num_values = num_needles if variant == "multivalue" else 1
   keys = list(dict.fromkeys(make_needle(rng, "words") for _ in range(8 * num_keys)))
   if len(keys) < num_keys:
-    raise ValueError(f"num_needles={num_needles} is more than the distinct keys available.")
+    raise CellError(f"num_needles={num_needles} is more than the distinct keys available.")
   values = [[str(v) for v in rng.choice(9_000_000, num_values, replace=False) + 1_000_000]
             for _ in range(num_keys)]
   queried = list(range(num_keys)) if variant == "multiquery" else [0]
@@ -138,7 +139,7 @@ def ruler_niah(
   queries (the keys asked about), depths.
   """
   if variant not in VARIANTS:
-    raise ValueError(f"Unknown variant {variant!r}; use one of {VARIANTS}.")
+    raise CellError(f"Unknown variant {variant!r}; use one of {VARIANTS}.")
   rng = cell_rng(seed, "ruler_niah", length=length, variant=variant, haystack=haystack,
                  num_needles=num_needles)
   examples = []

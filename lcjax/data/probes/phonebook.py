@@ -5,7 +5,7 @@ The length follows from `entries` (not a budget): meta["length"] is the prompt's
 plus max_new_tokens, the same convention as the length-driven probes.
 """
 
-from lcjax.data.probes.base import Example, cell_rng, pseudo_words, target_ids
+from lcjax.data.probes.base import CellError, Example, cell_rng, pseudo_words, target_ids
 
 FIRST_NAMES = (
     "Ada", "Ben", "Clara", "David", "Emma", "Felix", "Grace", "Henry", "Iris", "Jack", "Kate",
@@ -26,7 +26,7 @@ def phonebook(vocab, *, entries: int, num: int, seed: int, max_new_tokens: int =
   meta: entries, length, depth (the asked entry's index / (entries - 1)), name.
   """
   if not 0 < entries <= 10_000:
-    raise ValueError(f"entries={entries} is outside [1, 10000] (the distinct 555-xxxx numbers).")
+    raise CellError(f"entries={entries} is outside [1, 10000] (the distinct 555-xxxx numbers).")
   rng = cell_rng(seed, "phonebook", entries=entries)
   examples = []
   for _ in range(num):
