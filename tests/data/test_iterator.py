@@ -57,3 +57,24 @@ def test_eval_batches_are_deterministic():
     a = data.make_eval_batches(cfg, task, batch_size=4, num_batches=3)
     b = data.make_eval_batches(cfg, task, batch_size=4, num_batches=3)
     assert len(a) == 3 and _same(a, b)
+
+
+def test_per_document_weights_make_every_document_weigh_one():
+  import tensorflow as tf
+
+  from lcjax.data.pipeline import per_document_weights
+
+  segments = np.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]], np.int32)
+  weights = np.array([[0, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 1]], np.float32)
+  out = per_document_weights({"loss_weights": tf.constant(weights),
+                              "segment_ids": tf.constant(segments)})["loss_weights"].numpy()
+  np.testing.assert_allclose(out, [[0, .5, .5, .5, .5, 0], [.25, .25, .25, 0, 0, .25]])
+
+
+def test_documents_normalization_reaches_the_train_batches(gin_bindings):
+  cfg = data.DataConfig(sequence_length=128, loss_normalization="documents")
+  batch = next(data.make_train_iterator(cfg, batch_size=4))
+  for row in range(4):
+    for seg in np.unique(batch["segment_ids"][row]):
+      total = batch["loss_weights"][row][batch["segment_ids"][row] == seg].sum()
+      assert np.isclose(total, 0.0 if seg == 0 else 1.0), (row, seg, total)

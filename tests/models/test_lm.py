@@ -161,3 +161,11 @@ def test_remat_wraps_each_block(remat, wrapped):
   ids = jnp.zeros((1, 8), jnp.int32)
   fwd = lambda state: nnx.merge(graphdef, state)(ids, jnp.ones_like(ids), ids)
   assert str(jax.make_jaxpr(fwd)(state)).count("remat") == wrapped
+
+
+def test_embed_init_std_sets_only_the_embedding():
+  model = make(dataclasses.replace(SMALL, embed_init_std=1.0, init_std=0.02))
+  assert 0.9 < float(jnp.std(model.embed.embedding[...])) < 1.1
+  assert float(jnp.std(model.blocks[0].mixer.q[...])) < 0.05
+  default = make(SMALL)
+  assert float(jnp.std(default.embed.embedding[...])) < 0.05  # None: init_std
