@@ -72,7 +72,7 @@ def test_per_document_weights_make_every_document_weigh_one():
 
 
 def test_documents_normalization_reaches_the_train_batches(gin_bindings):
-  cfg = data.DataConfig(sequence_length=128, loss_normalization="documents")
+  cfg = data.DataConfig(sequence_length=512, loss_normalization="documents")
   batch = next(data.make_train_iterator(cfg, batch_size=4))
   for row in range(4):
     for seg in np.unique(batch["segment_ids"][row]):
