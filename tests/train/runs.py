@@ -25,6 +25,7 @@ TINY = [
     "AttentionConfig.num_kv_heads = 1",
     "AttentionConfig.head_dim = 16",
     "MLPConfig.hidden_dim = 64",
+    "ModelConfig.embed_init_std = None",  # init_std, as every other parameter of the tiny model
     "DataConfig.sequence_length = 128",
     "MqarConfig.num_pairs = 8",
     "MqarConfig.num_queries = 4",
