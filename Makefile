@@ -1,5 +1,5 @@
 # `make demo`: install into .venv, train the default model on CPU, evaluate it.
-# `make test`: install into .venv, run the test suite (what CI runs).
+# `make test`: install into .venv (plus requirements-test.txt), run the test suite (what CI runs).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -24,7 +24,11 @@ demo: install
 	$(PY) -m lcjax.train --gin_file=configs/demo.gin --workdir=$(DEMO_DIR)
 	$(PY) -m lcjax.eval --gin_file=configs/demo.gin --workdir=$(DEMO_DIR)
 
-test: install
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+test: install $(VENV)/.installed-test
 	$(PY) -m pytest -q tests
 
 bench: install
