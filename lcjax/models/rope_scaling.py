@@ -49,8 +49,22 @@ def _is_number(v) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _value_error(key: str, value, rotary_dim: int) -> str | None:
+  """What `value` of `key` must be, or None when it is fine."""
+  if key in ("short_factor", "long_factor"):
+    ok = (isinstance(value, (list, tuple)) and len(value) == rotary_dim // 2
+          and all(_is_number(v) and v > 0 for v in value))
+    return None if ok else f"{rotary_dim // 2} positive numbers (rotary_dim // 2)"
+  if key == "truncate":
+    return None if isinstance(value, bool) else "True or False"
+  if key == _ORIG:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return None if ok else "an int > 0"
+  return None if _is_number(value) and value > 0 else "a number > 0"
+
+
 def check_scaling(scaling: dict, rotary_dim: int) -> None:
-  """Raises ConfigError naming the first wrong key or value of `scaling`."""
+  """Raises ConfigError naming the first wrong key or value of `scaling` and what is allowed."""
   rope_type = scaling.get("rope_type")
   if rope_type not in ROPE_TYPES:
     raise ConfigError(f"{_NAME}['rope_type'] = {rope_type!r}: must be one of "
@@ -59,28 +73,19 @@ def check_scaling(scaling: dict, rotary_dim: int) -> None:
   allowed = ("rope_type", *required, *optional)
   extra = sorted(set(scaling) - set(allowed))
   missing = [k for k in required if k not in scaling]
-  where = {"rope_theta": "AttentionConfig.rope_theta",
-           "partial_rotary_factor": "AttentionConfig.partial_rotary_factor"}
-  for key in extra:
-    hint = f" (set {where[key]} instead)" if key in where else ""
-    raise ConfigError(f"{_NAME} has key {key!r}, unknown for rope_type {rope_type!r}{hint}: "
-                      f"the allowed keys are {list(allowed)}.")
+  if extra:
+    fields = {"rope_theta": "AttentionConfig.rope_theta",
+              "partial_rotary_factor": "AttentionConfig.partial_rotary_factor"}
+    hint = f" (set {fields[extra[0]]} instead)" if extra[0] in fields else ""
+    raise ConfigError(f"{_NAME} has key {extra[0]!r}, unknown for rope_type {rope_type!r}"
+                      f"{hint}: the allowed keys are {list(allowed)}.")
   if missing:
     raise ConfigError(f"{_NAME} with rope_type {rope_type!r} misses {missing}: it needs "
                       f"{list(required)} and may have {list(optional)}.")
-  for key, value in scaling.items():
-    if key in ("short_factor", "long_factor"):
-      ok = (isinstance(value, (list, tuple)) and len(value) == rotary_dim // 2
-            and all(_is_number(v) and v > 0 for v in value))
-      want = f"{rotary_dim // 2} positive numbers (rotary_dim // 2)"
-    elif key == "truncate":
-      ok, want = isinstance(value, bool), "True or False"
-    elif key == _ORIG:
-      ok, want = isinstance(value, int) and not isinstance(value, bool) and value > 0, "an int > 0"
-    elif key != "rope_type":
-      ok, want = _is_number(value) and value > 0, "a number > 0"
-    if key != "rope_type" and not ok:
-      raise ConfigError(f"{_NAME}[{key!r}] = {value!r}: must be {want}.")
+  for key in allowed[1:]:
+    want = _value_error(key, scaling[key], rotary_dim) if key in scaling else None
+    if want:
+      raise ConfigError(f"{_NAME}[{key!r}] = {scaling[key]!r}: must be {want}.")
   if rope_type == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
     raise ConfigError(f"{_NAME}: high_freq_factor={scaling['high_freq_factor']} must exceed "
                       f"low_freq_factor={scaling['low_freq_factor']}.")
