@@ -83,6 +83,12 @@ class AttentionConfig:
                         f"AttentionConfig.window or AttentionConfig.sinks = 0.")
     attention_kernels.ATTENTION.check_name(self.impl, "AttentionConfig.impl")
 
+  def __hash__(self):
+    # Hashable like the other configs (graphdefs hold them) though rope_scaling is a dict.
+    freeze = lambda v: (tuple(sorted((k, freeze(x)) for k, x in v.items())) if isinstance(v, dict)
+                        else tuple(v) if isinstance(v, list) else v)
+    return hash(tuple(freeze(getattr(self, f.name)) for f in dataclasses.fields(self)))
+
   def _check_rope(self):
     if self.position_encoding == "rope":
       check_rope(self.head_dim, self.rope_scaling, self.partial_rotary_factor)

@@ -295,4 +295,5 @@ def test_gin_bindings_build_the_config(rope_type):
   finally:
     gin.clear_config()
   assert cfg.rope_scaling["rope_type"] == rope_type and cfg.partial_rotary_factor == 0.5
+  assert hash(cfg) == hash(AttentionConfig(**vars(cfg)))  # hashable, as the other configs
   assert rope_parameters(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, 0.5)[0].shape == (8,)
