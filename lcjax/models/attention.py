@@ -177,13 +177,17 @@ class Attention(nnx.Module):
                       partial_rotary_factor=c.partial_rotary_factor, seq_len=seq_len,
                       angle_dtype=c.rope_dtype)
 
-  def _qkv(self, x: jax.Array, positions: jax.Array, seq_len):
-    """-> q (unrotated), k (rotated), v."""
+  def _project(self, x: jax.Array):
+    """x `[batch, seq, embed]` -> q, k, v before RoPE."""
     dt = x.dtype
     q = jnp.einsum("bsd,dhk->bshk", x, self.q[...].astype(dt))
     k = jnp.einsum("bsd,dhk->bshk", x, self.k[...].astype(dt))
     v = jnp.einsum("bsd,dhk->bshk", x, self.v[...].astype(dt))
-    return q, self._rotate(k, positions, seq_len), v
+    return q, k, v
+
+  def _qkv(self, x: jax.Array, positions: jax.Array, seq_len):
+    q, k, v = self._project(x)
+    return self._rotate(q, positions, seq_len), self._rotate(k, positions, seq_len), v
 
   def _out(self, out: jax.Array) -> jax.Array:
     return jnp.einsum("bshk,hkd->bsd", out, self.o[...].astype(out.dtype))
@@ -191,7 +195,6 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
     """x `[batch, seq, embed]`, segment_ids/positions `[batch, seq]` -> `[batch, seq, embed]`."""
     q, k, v = self._qkv(x, positions, x.shape[1])
-    q = self._rotate(q, positions, x.shape[1])
     return self._out(self.ops.attention(q, k, v, segment_ids, positions, mask=self.mask,
                                         **self.kernel))
 
@@ -210,8 +213,8 @@ class Attention(nnx.Module):
     segment_ids `[batch, k]`: None for all ones, else left padding (0) then the prompt (1);
     positions `[batch, k]` default to 0..k-1 (with padding: 0 at the first real token).
     Dynamic NTK and LongRoPE use the length k (transformers: the longest prompt).
-    With max_distance the prompt runs token by token through the decoding step (positions
-    must be the defaults).
+    With max_distance the prompt runs token by token through the decoding step, at the
+    positions slot - start (the defaults).
     """
     batch, seq, _ = x.shape
     if seq > cache.k.shape[1]:
@@ -225,7 +228,6 @@ class Attention(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     q, k, v = self._qkv(x, positions, seq)
-    q = self._rotate(q, positions, seq)
     y = self._out(LOCAL.attention(q, k, v, segment_ids, positions, mask=self.mask,
                                   **self.kernel))
     update = lambda buf, new: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype),
@@ -250,7 +252,8 @@ class Attention(nnx.Module):
     largest position grows past the cached length (`dynamic_rope_update`).
     """
     positions = (cache.index - cache.start)[:, None]
-    q, k, v = self._qkv(x[:, None], positions, seq_len)
+    raw_q, k, v = self._project(x[:, None])
+    q, k = self._rotate(raw_q, positions, seq_len), self._rotate(k, positions, seq_len)
     start = (0, cache.index, 0, 0)
     ks = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
     vs = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
@@ -260,10 +263,10 @@ class Attention(nnx.Module):
       # its query rotates to position j + that distance (the key sits at position j).
       j = jnp.arange(self.mask.sinks, dtype=jnp.int32)
       capped = j + jnp.minimum(positions - j, self.max_distance)  # [batch, sinks]
-      sink_queries = self._rotate(jnp.repeat(q, self.mask.sinks, axis=1), capped, seq_len)
-    out = attention_kernels.decode_attention(
-        self._rotate(q, positions, seq_len), ks.astype(q.dtype), vs.astype(q.dtype),
-        cache.index + 1, start=cache.start, mask=self.mask, sink_queries=sink_queries)
+      sink_queries = self._rotate(jnp.repeat(raw_q, self.mask.sinks, axis=1), capped, seq_len)
+    out = attention_kernels.decode_attention(q, ks.astype(q.dtype), vs.astype(q.dtype),
+                                             cache.index + 1, start=cache.start, mask=self.mask,
+                                             sink_queries=sink_queries)
     return self._out(out)[:, 0], cache._replace(k=ks, v=vs, index=cache.index + 1)
 
   def _prefill_by_steps(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
