@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from lcjax.kernels import blockwise_attention, flash_attention
 from lcjax.kernels.dispatch import Dispatch
 from lcjax.kernels.mask import Mask, Tokens, row_tokens
-from lcjax.kernels.tiles import PAD_KEY
+from lcjax.kernels.tiles import PAD_KEY, merge
 
 
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_tokens: Tokens,
@@ -59,7 +59,8 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_tokens: Toke
 
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, length: jax.Array,
-                     *, start: jax.Array | None = None, mask: Mask = Mask()) -> jax.Array:
+                     *, start: jax.Array | None = None, mask: Mask = Mask(),
+                     sink_queries: jax.Array | None = None) -> jax.Array:
   """One decoding step: q `[batch, 1, heads, head_dim]` in slot length - 1 over the slots
   [start, length) of the cache's k, v `[batch, max_len, kv_heads, head_dim]` -> out like q.
 
@@ -67,6 +68,10 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
   index is the slot). Slots before `start` (left padding of a shorter prompt) and from `length`
   on are padding. length: int32 scalar (or `[batch]`), > start; start: int32 `[batch]` (or
   scalar), None for 0. Float32 scores and softmax, as the reference.
+
+  sink_queries `[batch, mask.sinks, heads, head_dim]` (a window with sinks only): the query to
+  score sink j with when it lies beyond the window, in place of q (LM-Infinite's distance limit:
+  q rotated to a capped distance from sink j, by the caller, who knows the RoPE).
   """
   batch, max_len = k_cache.shape[:2]
   column = lambda a: jnp.broadcast_to(jnp.reshape(jnp.asarray(a, jnp.int32), (-1, 1)), (batch, 1))
@@ -75,7 +80,33 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
   real = (slots >= first) & (slots <= last)
   kv_tokens = Tokens(jnp.where(real, 1, PAD_KEY), slots, slots - first)
   q_tokens = Tokens(jnp.ones_like(last), last, last - first)
-  return reference_attention(q, k_cache, v_cache, q_tokens, kv_tokens, mask=mask)[0]
+  if sink_queries is None:
+    return reference_attention(q, k_cache, v_cache, q_tokens, kv_tokens, mask=mask)[0]
+  # The window alone, then the sinks beyond it, merged by their log-sum-exp.
+  out, lse = reference_attention(q, k_cache, v_cache, q_tokens, kv_tokens,
+                                 mask=Mask(window=mask.window))
+  far_out, far_lse = _far_sinks(sink_queries, k_cache, v_cache, first, last, mask.window)
+  out, _ = merge(out[:, 0].astype(jnp.float32), lse, far_out, far_lse)  # rows: the heads
+  return out[:, None].astype(q.dtype)
+
+
+def _far_sinks(sink_q, k_cache, v_cache, first, last, window):
+  """The sinks beyond the window, each scored with its own query: sink_q `[batch, sinks, heads,
+  d]`, first/last `[batch, 1]` -> (out `[batch, heads, d]` float32, lse `[batch, heads, 1]`)."""
+  batch, sinks, heads, head_dim = sink_q.shape
+  kv_heads = k_cache.shape[2]
+  slot = first + jnp.arange(sinks, dtype=jnp.int32)  # [batch, sinks]
+  k = jnp.take_along_axis(k_cache, slot[:, :, None, None], axis=1).astype(jnp.float32)
+  v = jnp.take_along_axis(v_cache, slot[:, :, None, None], axis=1).astype(jnp.float32)
+  group = heads // kv_heads  # query head h reads kv head h // group
+  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+  scores = jnp.einsum("bjhd,bjhd->bhj", sink_q.astype(jnp.float32), k) / jnp.sqrt(
+      jnp.float32(head_dim))
+  far = (last - slot >= window)[:, None, :]  # [batch, 1, sinks]; never past the query
+  scores = jnp.where(far, scores, -jnp.inf)
+  lse = jax.nn.logsumexp(scores, axis=-1, keepdims=True)
+  probs = jnp.where(far, jnp.exp(scores - jnp.where(jnp.isfinite(lse), lse, 0.0)), 0.0)
+  return jnp.einsum("bhj,bjhd->bhd", probs, v), lse
 
 
 def _pallas(q, k, v, q_tokens, kv_tokens, *, mask, block_q=128, block_kv=128):

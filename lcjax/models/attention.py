@@ -15,7 +15,7 @@ from lcjax.kernels import attention as attention_kernels
 from lcjax.kernels.mask import Mask
 from lcjax.kernels.ops import LOCAL
 from lcjax.models.layers import ModelWide, normal_param
-from lcjax.models.rope import apply_rope
+from lcjax.models.rope import ANGLE_DTYPES, apply_rope, check_rope
 
 POSITION_ENCODINGS = ("rope", "none")
 
@@ -28,6 +28,17 @@ class AttentionConfig:
   num_heads query heads share num_kv_heads key/value heads (grouped-query), each head_dim wide.
   position_encoding: "rope", or "none" for attention without positions (the causal mask and
     the Mamba layers carry order, as in NVIDIA's Mamba-2-Hybrid); rope_theta: RoPE's base.
+  rope_scaling: None, or a context-extension scaling with transformers' keys, e.g.
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
+    (`lcjax.models.rope_scaling`: linear, dynamic, yarn, llama3, longrope). Dynamic NTK and
+    LongRoPE read the current length: the row length in `__call__`, the prompt length in
+    `prefill`, the tokens seen so far in `step`.
+  partial_rotary_factor: the fraction of head_dim that rotates (GPT-NeoX, Phi); the rest passes
+    through. rope_dtype: "float32", or "bfloat16" to compute the angles in bfloat16 (the
+    precision loss AnchorAttention studies; for experiments only).
+  max_distance: LM-Infinite's distance limit (decoding only: `prefill` and `step`): with a
+    window and sinks, a sink outside the window is seen by RoPE at distance
+    min(distance, max_distance) (LM-Infinite: the pre-training length). `__call__` ignores it.
   window: None for full causal attention, else a sliding window of that many tokens (the token
     itself included); sinks: with a window, the first tokens of every document that stay
     visible to all later ones (StreamingLLM's attention sinks).
@@ -41,6 +52,10 @@ class AttentionConfig:
   head_dim: int = 32
   position_encoding: str = "rope"
   rope_theta: float = 10000.0
+  rope_scaling: dict | None = None
+  partial_rotary_factor: float = 1.0
+  rope_dtype: str = "float32"
+  max_distance: int | None = None
   window: int | None = None
   sinks: int = 0
   impl: str = "auto"
@@ -58,10 +73,7 @@ class AttentionConfig:
     if self.position_encoding not in POSITION_ENCODINGS:
       raise ConfigError(f"AttentionConfig.position_encoding={self.position_encoding!r} is not "
                         f"one of {POSITION_ENCODINGS}.")
-    if self.position_encoding == "rope" and self.head_dim % 2:
-      raise ConfigError(
-          f"AttentionConfig.head_dim={self.head_dim} must be even for RoPE (it rotates pairs "
-          f"of features): use an even head_dim or AttentionConfig.position_encoding='none'.")
+    self._check_rope()
     if self.window is not None and self.window < 1:
       raise ConfigError(f"AttentionConfig.window={self.window} must be >= 1 (tokens, the query "
                         f"included), or None for full causal attention.")
@@ -70,6 +82,32 @@ class AttentionConfig:
                         f"(without one every token is visible anyway): set "
                         f"AttentionConfig.window or AttentionConfig.sinks = 0.")
     attention_kernels.ATTENTION.check_name(self.impl, "AttentionConfig.impl")
+
+  def __hash__(self):
+    # Hashable like the other configs (graphdefs hold them) though rope_scaling is a dict.
+    freeze = lambda v: (tuple(sorted((k, freeze(x)) for k, x in v.items())) if isinstance(v, dict)
+                        else tuple(v) if isinstance(v, list) else v)
+    return hash(tuple(freeze(getattr(self, f.name)) for f in dataclasses.fields(self)))
+
+  def _check_rope(self):
+    if self.position_encoding == "rope":
+      check_rope(self.head_dim, self.rope_scaling, self.partial_rotary_factor)
+    else:
+      for name, default in (("rope_scaling", None), ("partial_rotary_factor", 1.0),
+                            ("max_distance", None)):
+        if getattr(self, name) != default:
+          raise ConfigError(f"AttentionConfig.{name}={getattr(self, name)!r} needs "
+                            f"position_encoding='rope' (it is {self.position_encoding!r}).")
+    if self.rope_dtype not in ANGLE_DTYPES:
+      raise ConfigError(f"AttentionConfig.rope_dtype={self.rope_dtype!r} is not one of "
+                        f"{ANGLE_DTYPES}.")
+    if self.max_distance is not None and (self.max_distance < 1 or self.window is None
+                                          or not self.sinks):
+      raise ConfigError(
+          f"AttentionConfig.max_distance={self.max_distance} (LM-Infinite) caps the distance to "
+          f"the sinks beyond the sliding window: it must be >= 1 and needs "
+          f"AttentionConfig.window and AttentionConfig.sinks > 0 (window={self.window}, "
+          f"sinks={self.sinks}).")
 
   @property
   def mask(self) -> Mask:
@@ -123,28 +161,40 @@ class Attention(nnx.Module):
     self.k = normal_param(rngs, (d, kvh, hd), wide.init_std, ("embed", "kv_heads", "head_dim"))
     self.v = normal_param(rngs, (d, kvh, hd), wide.init_std, ("embed", "kv_heads", "head_dim"))
     self.o = normal_param(rngs, (h, hd, d), wide.output_init_std, ("heads", "head_dim", "embed"))
-    self.rope_theta = cfg.rope_theta if cfg.position_encoding == "rope" else None
+    self.rope = cfg if cfg.position_encoding == "rope" else None  # a static (frozen) config
     self.dtype = wide.dtype
     self.mask = cfg.mask
+    self.max_distance = cfg.max_distance
     self.kernel = dict(impl=cfg.impl, block_q=cfg.block_q, block_kv=cfg.block_kv)
     self.ops = ops
 
-  def _qkv(self, x: jax.Array, positions: jax.Array):
+  def _rotate(self, x: jax.Array, positions: jax.Array, seq_len) -> jax.Array:
+    """RoPE (if configured) at the current length seq_len (int, or traced when decoding)."""
+    if self.rope is None:
+      return x
+    c = self.rope
+    return apply_rope(x, positions, c.rope_theta, scaling=c.rope_scaling,
+                      partial_rotary_factor=c.partial_rotary_factor, seq_len=seq_len,
+                      angle_dtype=c.rope_dtype)
+
+  def _project(self, x: jax.Array):
+    """x `[batch, seq, embed]` -> q, k, v before RoPE."""
     dt = x.dtype
     q = jnp.einsum("bsd,dhk->bshk", x, self.q[...].astype(dt))
     k = jnp.einsum("bsd,dhk->bshk", x, self.k[...].astype(dt))
     v = jnp.einsum("bsd,dhk->bshk", x, self.v[...].astype(dt))
-    if self.rope_theta is not None:
-      q = apply_rope(q, positions, self.rope_theta)
-      k = apply_rope(k, positions, self.rope_theta)
     return q, k, v
+
+  def _qkv(self, x: jax.Array, positions: jax.Array, seq_len):
+    q, k, v = self._project(x)
+    return self._rotate(q, positions, seq_len), self._rotate(k, positions, seq_len), v
 
   def _out(self, out: jax.Array) -> jax.Array:
     return jnp.einsum("bshk,hkd->bsd", out, self.o[...].astype(out.dtype))
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
     """x `[batch, seq, embed]`, segment_ids/positions `[batch, seq]` -> `[batch, seq, embed]`."""
-    q, k, v = self._qkv(x, positions)
+    q, k, v = self._qkv(x, positions, x.shape[1])
     return self._out(self.ops.attention(q, k, v, segment_ids, positions, mask=self.mask,
                                         **self.kernel))
 
@@ -162,6 +212,9 @@ class Attention(nnx.Module):
 
     segment_ids `[batch, k]`: None for all ones, else left padding (0) then the prompt (1);
     positions `[batch, k]` default to 0..k-1 (with padding: 0 at the first real token).
+    Dynamic NTK and LongRoPE use the length k (transformers: the longest prompt).
+    With max_distance the prompt runs token by token through the decoding step, at the
+    positions slot - start (the defaults).
     """
     batch, seq, _ = x.shape
     if seq > cache.k.shape[1]:
@@ -169,14 +222,16 @@ class Attention(nnx.Module):
                        f"{cache.k.shape[1]}: pass max_len >= {seq} to init_cache.")
     if segment_ids is None:
       segment_ids = jnp.ones((batch, seq), jnp.int32)
+    start = jnp.sum(segment_ids == 0, axis=1, dtype=jnp.int32)  # the padding is all in front
+    if self.max_distance is not None:
+      return self._prefill_by_steps(x, cache._replace(start=start))
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-    q, k, v = self._qkv(x, positions)
+    q, k, v = self._qkv(x, positions, seq)
     y = self._out(LOCAL.attention(q, k, v, segment_ids, positions, mask=self.mask,
                                   **self.kernel))
     update = lambda buf, new: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype),
                                                            (0, 0, 0, 0))
-    start = jnp.sum(segment_ids == 0, axis=1, dtype=jnp.int32)  # the padding is all in front
     return y, KVCache(k=update(cache.k, k), v=update(cache.v, v),
                       index=jnp.asarray(seq, jnp.int32), start=start)
 
@@ -186,11 +241,42 @@ class Attention(nnx.Module):
     Fails (ValueError; under jit, when the step runs) once cache.index reaches max_len.
     """
     _check_room(cache.index, cache.k.shape[1])
+    return self._step(x, cache, cache.index + 1)
+
+  def _step(self, x: jax.Array, cache: KVCache, seq_len) -> tuple[jax.Array, KVCache]:
+    """`step` with RoPE at the current length seq_len.
+
+    The cache holds keys rotated when they were written, and a new token's q and k rotate at
+    the length seen so far (dynamic NTK, LongRoPE): what transformers' generate does, since
+    its cache also stores rotated keys and its rotary embedding recomputes inv_freq once the
+    largest position grows past the cached length (`dynamic_rope_update`).
+    """
     positions = (cache.index - cache.start)[:, None]
-    q, k, v = self._qkv(x[:, None], positions)
+    raw_q, k, v = self._project(x[:, None])
+    q, k = self._rotate(raw_q, positions, seq_len), self._rotate(k, positions, seq_len)
     start = (0, cache.index, 0, 0)
     ks = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
     vs = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
+    sink_queries = None
+    if self.max_distance is not None:
+      # LM-Infinite: sink j beyond the window is seen at distance min(position - j, max):
+      # its query rotates to position j + that distance (the key sits at position j).
+      j = jnp.arange(self.mask.sinks, dtype=jnp.int32)
+      capped = j + jnp.minimum(positions - j, self.max_distance)  # [batch, sinks]
+      sink_queries = self._rotate(jnp.repeat(raw_q, self.mask.sinks, axis=1), capped, seq_len)
     out = attention_kernels.decode_attention(q, ks.astype(q.dtype), vs.astype(q.dtype),
-                                             cache.index + 1, start=cache.start, mask=self.mask)
+                                             cache.index + 1, start=cache.start, mask=self.mask,
+                                             sink_queries=sink_queries)
     return self._out(out)[:, 0], cache._replace(k=ks, v=vs, index=cache.index + 1)
+
+  def _prefill_by_steps(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Prefill as `x.shape[1]` decoding steps (slot t at position t - start), RoPE at the
+    prompt length; for what the full-row kernels do not do (max_distance)."""
+    seq = x.shape[1]
+
+    def body(cache, x_t):
+      y, cache = self._step(x_t, cache, seq)
+      return cache, y
+
+    cache, ys = jax.lax.scan(body, cache, jnp.swapaxes(x, 0, 1))
+    return jnp.swapaxes(ys, 0, 1), cache

@@ -166,3 +166,35 @@ def test_prefill_uses_the_configured_kernel_and_tiles(monkeypatch):
   mixer = Attention(cfg, CFG.wide, rngs=nnx.Rngs(0))
   mixer.prefill(jnp.ones((1, 5, CFG.d_model)), mixer.init_cache(1, 8))
   assert [(kw["impl"], kw["block_q"], kw["block_kv"]) for kw in seen] == [("blockwise", 8, 16)]
+
+
+_ORIG = "original_max_position_embeddings"
+
+
+@pytest.mark.parametrize("scaling, partial", [
+    ({"rope_type": "linear", "factor": 2.0}, 1.0),
+    ({"rope_type": "dynamic", "factor": 2.0, _ORIG: 16}, 1.0),  # growth: test_rope_scaling
+    ({"rope_type": "yarn", "factor": 4.0, _ORIG: 4}, 0.5),
+    ({"rope_type": "llama3", "factor": 4.0, _ORIG: 64, "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0}, 1.0),
+    # Prompt and row both longer than the original 4: the long factors throughout.
+    ({"rope_type": "longrope", "short_factor": [1.0, 1.5], "long_factor": [2.0, 5.0], _ORIG: 4,
+      "factor": 4.0}, 0.5),
+])
+def test_greedy_decoding_with_rope_scaling_matches_forward(rng, scaling, partial):
+  """Prefill a prompt, then feed back each step's argmax: the tokens are the full forward's
+  argmax over the decoded row, and the logits its logits."""
+  cfg = dataclasses.replace(CFG, pattern="*-", attention=dataclasses.replace(
+      CFG.attention, rope_scaling=scaling, partial_rotary_factor=partial))
+  model = LM(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  prompt, steps = 8, 4
+  tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, prompt)), jnp.int32)
+  logits, cache = prefill(model, tokens, prompt + steps)
+  got = [logits[:, -1]]
+  for _ in range(steps - 1):
+    tokens = jnp.concatenate([tokens, jnp.argmax(got[-1], axis=-1)[:, None]], axis=1)
+    step_logits, cache = decode_step(model, tokens[:, -1], cache)
+    got.append(step_logits)
+  want = forward(model, tokens)[:, prompt - 1:]
+  assert_close(jnp.stack(got, axis=1), want, F32, scaling["rope_type"])
+  np.testing.assert_array_equal(jnp.argmax(jnp.stack(got, axis=1), -1), jnp.argmax(want, -1))
