@@ -46,8 +46,9 @@ def head_losses(hidden: jax.Array, head: jax.Array, targets: jax.Array, setting:
   `shard_map`, and "auto" judges each device's share of the logits. A loop of dynamic slices
   over the sharded sequence would make XLA gather the whole row's hidden states onto every
   device (seen on 8 CPU devices: all-gathers, then every device runs every chunk). Inside
-  `shard_map` the head's gradient is also summed over devices once, after the loop; the head
-  comes in whole (gathered if the rules split it over fsdp or tensor), as XLA would gather it.
+  `shard_map` the head's gradient is also summed over devices once, after the loop. Each
+  device gets the whole head (gathered where the rules split it over fsdp or tensor; the plain
+  loss can keep a tensor-split vocabulary split).
 
   Without `sequence` the loss does not know the mesh: a batch split over data axes then has
   XLA all-reduce the head's gradient once per chunk rather than once per step (seen on 8 CPU
