@@ -55,22 +55,19 @@ def head_losses(hidden: jax.Array, head: jax.Array, targets: jax.Array, setting:
   devices), more bytes on the wire for the memory saved.
   """
   batch, seq = targets.shape
-  vocab = head.shape[1]
-  if sequence is None:
-    chunk = chunk_length(setting, batch, seq, vocab)
-    return chunked_cross_entropy(hidden, head, targets, chunk) if chunk else cross_entropy(
-        hidden, head, targets)
-  mesh = sequence.mesh
-  batch_axes = present_axes(mesh, sequence.batch_axes)
-  chunk = chunk_length(setting, batch // axes_size(mesh, batch_axes), seq // sequence.shards,
-                       vocab)
-  if not chunk:  # per-token work: XLA splits the logits along the sequence like the rest
+  if sequence is not None:
+    mesh = sequence.mesh
+    batch_axes = present_axes(mesh, sequence.batch_axes)
+    batch, seq = batch // axes_size(mesh, batch_axes), seq // sequence.shards
+  chunk = chunk_length(setting, batch, seq, head.shape[1])
+  if not chunk:  # per-token work: with rows split, XLA splits the logits like the rest
     return cross_entropy(hidden, head, targets)
+  if sequence is None:
+    return chunked_cross_entropy(hidden, head, targets, chunk)
   rows = P(batch_axes, sequence.seq_axis)
-  local = functools.partial(chunked_cross_entropy, chunk=chunk)
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(batch_axes, sequence.seq_axis, None), P(),
-                                                   rows),
-                       out_specs=(rows, rows))(hidden, head, targets)
+  return jax.shard_map(functools.partial(chunked_cross_entropy, chunk=chunk), mesh=mesh,
+                       in_specs=(P(*rows, None), P(), rows), out_specs=(rows, rows))(
+                           hidden, head, targets)
 
 
 def token_losses(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
