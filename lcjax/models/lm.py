@@ -40,7 +40,8 @@ def _remat_policy(name: str):
 class LM(nnx.Module):
   """`sequence`: a `lcjax.parallel.sequence.SequenceSharding` when each row is split over
   devices (the batch then comes in its layout's token order); None on one device. Either way it
-  becomes the mixers' ops object (`lcjax.kernels.ops`: `LocalOps` for None)."""
+  becomes the mixers' ops object (`lcjax.kernels.ops`: `LocalOps` for None); the loss reads it
+  to chunk each device's own tokens (`lcjax.models.loss.head_losses`)."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs,
                sequence: SequenceSharding | None = None):
