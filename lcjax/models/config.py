@@ -21,6 +21,7 @@ from lcjax.models.mlp import MLPConfig
 from lcjax.models.pattern import MIXERS, parse_pattern
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOSS_CHUNK_NAMES = ("auto", "off")
 
 
 def checkpoint_policy_names() -> tuple[str, ...]:
@@ -47,6 +48,10 @@ class ModelConfig:
   dtype: the compute dtype; parameters are always stored in float32. "auto" is bfloat16 on
     GPU and TPU and float32 on CPU (where bfloat16 matmuls are emulated and slow).
   remat: "none", "full" (save nothing), or a policy name in `jax.checkpoint_policies`.
+  loss_chunk: how the training and eval loss computes the LM head's logits
+    (`lcjax.models.loss`): "auto" cuts the sequence into chunks only when the whole float32
+    logits would be large, an int n > 0 always cuts it into chunks of n tokens (any length: a
+    shorter last chunk is fine), 0 or "off" never does. Chunking changes memory, not results.
   attention / mamba / mlp: the mixers' own configs (by default from their gin bindings).
   """
   vocab_size: int = 384
@@ -58,6 +63,7 @@ class ModelConfig:
   remat: str = "none"
   init_std: float = 0.02
   embed_init_std: float | None = None  # None: init_std
+  loss_chunk: int | str = "auto"
   attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
   mamba: MambaConfig = dataclasses.field(default_factory=MambaConfig)
   mlp: MLPConfig = dataclasses.field(default_factory=MLPConfig)
@@ -71,6 +77,10 @@ class ModelConfig:
     remats = ("none", "full") + checkpoint_policy_names()
     if self.remat not in remats:
       raise ConfigError(f"ModelConfig.remat={self.remat!r} is not one of {remats}.")
+    if self.loss_chunk not in LOSS_CHUNK_NAMES and not (
+        isinstance(self.loss_chunk, int) and self.loss_chunk >= 0):
+      raise ConfigError(f"ModelConfig.loss_chunk={self.loss_chunk!r} is not one of "
+                        f"{LOSS_CHUNK_NAMES} or a chunk length in tokens >= 0 (0: no chunks).")
     for symbol in sorted(set(symbols)):  # constraints bind only the mixers the model has
       mixer = MIXERS[symbol]
       if mixer.check_d_model is not None:

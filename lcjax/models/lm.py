@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lcjax.kernels.losses import logits
 from lcjax.kernels.ops import LOCAL
 from lcjax.models.config import ModelConfig
 from lcjax.models.layers import Embed, RMSNorm, normal_param
@@ -39,7 +40,8 @@ def _remat_policy(name: str):
 class LM(nnx.Module):
   """`sequence`: a `lcjax.parallel.sequence.SequenceSharding` when each row is split over
   devices (the batch then comes in its layout's token order); None on one device. Either way it
-  becomes the mixers' ops object (`lcjax.kernels.ops`: `LocalOps` for None)."""
+  becomes the mixers' ops object (`lcjax.kernels.ops`: `LocalOps` for None); the loss reads it
+  to chunk each device's own tokens (`lcjax.models.loss.head_losses`)."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs,
                sequence: SequenceSharding | None = None):
@@ -47,6 +49,7 @@ class LM(nnx.Module):
     embed_std = config.init_std if config.embed_init_std is None else config.embed_init_std
     self.embed = Embed(config.vocab_size, config.d_model, std=embed_std,
                        dtype=config.compute_dtype, rngs=rngs)
+    self.sequence = sequence
     ops = LOCAL if sequence is None else sequence
     self.blocks = nnx.List([Block(config, s, rngs=rngs, ops=ops)
                             for s in parse_pattern(config.pattern)])
@@ -61,6 +64,13 @@ class LM(nnx.Module):
 
     Positions restart at 0 for every packed document; segment_ids keep documents apart.
     """
+    return logits(self.hidden(inputs, segment_ids, positions), self.head_weights())
+
+  def hidden(self, inputs: jax.Array, segment_ids: jax.Array,
+             positions: jax.Array) -> jax.Array:
+    """As `__call__`, up to the LM head: the final norm's output `[batch, seq, d_model]` in the
+    compute dtype. The loss takes it with `head_weights()` so that it can avoid the full
+    logits (`lcjax.models.loss`)."""
     def run_block(block, x, segment_ids, positions):
       return block(x, segment_ids=segment_ids, positions=positions)
 
@@ -70,14 +80,18 @@ class LM(nnx.Module):
     x = self.embed(inputs)
     for block in self.blocks:
       x = run_block(block, x, segment_ids, positions)
-    return self._logits(x)
+    return self.final_norm(x)
+
+  def head_weights(self) -> jax.Array:
+    """The LM head `[d_model, vocab]` float32: the output matrix, or the embedding table
+    transposed when they are tied (a transpose XLA folds into the matmul, not a copy)."""
+    if self.config.tie_embeddings:
+      return self.embed.embedding[...].T
+    return self.lm_head[...]
 
   def _logits(self, x: jax.Array) -> jax.Array:
-    x = self.final_norm(x)
-    if self.config.tie_embeddings:
-      return self.embed.attend(x)
-    return jnp.einsum("bsd,dv->bsv", x, self.lm_head[...].astype(x.dtype),
-                      preferred_element_type=jnp.float32)
+    """The last block's output `[batch, k, d_model]` -> float32 logits `[batch, k, vocab]`."""
+    return logits(self.final_norm(x), self.head_weights())
 
   # --- decoding: one document per row, prompts left-padded to a common length ---
 
