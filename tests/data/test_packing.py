@@ -68,16 +68,15 @@ def test_pack_with_the_anchor():
   """The anchor is an empty document at index 0 (input BOS, target EOS, weight 0); the task
   length is the documents' budget, rows are one token longer."""
   rows = _rows([(3, 1), (2, 0), (4, 1), (5, 1)], 5, anchor=True)
+  want = [  # (row, feature): values; the last document takes the whole budget
+      (0, "targets", [1, 3, 4, 5, 3, 4]), (0, "inputs", [0, 0, 3, 4, 0, 3]),
+      (0, "segment_ids", [1, 2, 2, 2, 3, 3]), (0, "positions", [0, 0, 1, 2, 0, 1]),
+      (0, "loss_weights", [0, 1, 1, 1, 0, 0]), (1, "segment_ids", [1, 2, 2, 2, 2, 0]),
+      (2, "segment_ids", [1, 2, 2, 2, 2, 2]), (2, "inputs", [0, 0, 3, 4, 5, 6]),
+  ]
   assert len(rows) == 3
-  np.testing.assert_array_equal(rows[0]["targets"], [1, 3, 4, 5, 3, 4])
-  np.testing.assert_array_equal(rows[0]["inputs"], [0, 0, 3, 4, 0, 3])
-  np.testing.assert_array_equal(rows[0]["segment_ids"], [1, 2, 2, 2, 3, 3])
-  np.testing.assert_array_equal(rows[0]["positions"], [0, 0, 1, 2, 0, 1])
-  np.testing.assert_array_equal(rows[0]["loss_weights"], [0, 1, 1, 1, 0, 0])
-  np.testing.assert_array_equal(rows[1]["segment_ids"], [1, 2, 2, 2, 2, 0])
-  # A document of the whole budget fills the row after the anchor.
-  np.testing.assert_array_equal(rows[2]["segment_ids"], [1, 2, 2, 2, 2, 2])
-  np.testing.assert_array_equal(rows[2]["inputs"], [0, 0, 3, 4, 5, 6])
+  for row, key, values in want:
+    np.testing.assert_array_equal(rows[row][key], values, err_msg=f"row {row} {key}")
 
 
 @pytest.mark.parametrize("anchor,want", [
