@@ -159,9 +159,10 @@ def test_decode_attention_ignores_the_anchor(rng):
   max_len, length = 16, int(rng.integers(4, 17))
   q, k, v = random_qkv(rng, q_seq=max_len)
   start = jnp.asarray([0, int(rng.integers(1, length))], jnp.int32)
-  step = functools.partial(decode_attention, q[:, length - 1:length], k, v, jnp.int32(length),
-                           start=start)
-  np.testing.assert_array_equal(step(mask=Mask(anchor=True)), step(mask=Mask()))
+  step = jax.jit(decode_attention, static_argnames="mask")
+  args = (q[:, length - 1:length], k, v, jnp.int32(length))
+  np.testing.assert_array_equal(step(*args, start=start, mask=Mask(anchor=True)),
+                                step(*args, start=start, mask=Mask()))
 
 
 @pytest.mark.parametrize("shape", sorted(MASKS))
