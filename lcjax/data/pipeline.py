@@ -30,6 +30,12 @@ class DataConfig:
   # outweighs a 6-token answer 40 to 1), or "documents", each document's weights summing to
   # one (t5x's AVERAGE_PER_SEQUENCE), so every example counts the same whatever its length.
   loss_normalization: str = "tokens"
+  # AnchorAttention's data (converter.py): every row starts with a shared anchor token, an empty
+  # document of its own, leaving sequence_length - 1 tokens for documents (the tasks build their
+  # documents for that length); models with AttentionConfig.anchor need it (`check_anchor`).
+  anchor: bool = False
+  # Positions count the row's tokens instead of restarting at 0 in every document.
+  continuous_positions: bool = False
 
   def __post_init__(self):
     check_types(self)  # a wrong-typed gin binding fails here, naming it
@@ -37,6 +43,17 @@ class DataConfig:
     if self.loss_normalization not in ("tokens", "documents"):
       raise ConfigError(f"DataConfig.loss_normalization={self.loss_normalization!r} is not "
                         "'tokens' or 'documents'.")
+    if self.anchor and self.sequence_length < 2:
+      raise ConfigError(f"DataConfig.anchor needs sequence_length >= 2 (the anchor and a "
+                        f"token of a document), not {self.sequence_length}.")
+
+
+def check_anchor(model_cfg, data_cfg: DataConfig) -> None:
+  """Fails if the model uses anchor attention (ModelConfig.attention.anchor) on rows without
+  an anchor: its documents would all see the first token of the row's first document."""
+  if model_cfg.attention.anchor and not data_cfg.anchor:
+    raise ConfigError("AttentionConfig.anchor = True needs rows that start with an anchor "
+                      "token: set DataConfig.anchor = True (or AttentionConfig.anchor = False).")
 
 
 class BatchIterator:
@@ -69,8 +86,16 @@ class BatchIterator:
     )
 
 
-def _feature_lengths(cfg: DataConfig) -> dict[str, int]:
-  return {"targets": cfg.sequence_length, "loss_mask": cfg.sequence_length}
+def _register_tasks(cfg: DataConfig) -> dict[str, int]:
+  """Registers the tasks for the documents of cfg's rows; returns their feature lengths."""
+  length = cfg.sequence_length - int(cfg.anchor)  # the anchor takes a row's first token
+  tasks.register_tasks(dataclasses.replace(cfg, sequence_length=length))
+  return {"targets": length, "loss_mask": length}
+
+
+def _converter(cfg: DataConfig) -> MaskedLMFeatureConverter:
+  return MaskedLMFeatureConverter(anchor=cfg.anchor,
+                                  continuous_positions=cfg.continuous_positions)
 
 
 def _check_name(name: str, what: str, allow_mixture: bool) -> None:
@@ -101,12 +126,12 @@ def make_train_iterator(
   batch_size is this process's rows per batch; shard_index / num_shards pick
   this process's disjoint share of the examples.
   """
-  tasks.register_tasks(cfg)
+  lengths = _register_tasks(cfg)
   _check_name(cfg.train_mixture, "train_mixture", allow_mixture=True)
   ds = seqio.get_dataset(
       cfg.train_mixture,
-      task_feature_lengths=_feature_lengths(cfg),
-      feature_converter=MaskedLMFeatureConverter(),
+      task_feature_lengths=lengths,
+      feature_converter=_converter(cfg),
       dataset_split="train",
       shuffle=True,
       num_epochs=None,
@@ -143,12 +168,12 @@ def make_eval_batches(
   Fewer when the split runs out; a short last batch is padded to batch_size
   with all-padding rows (loss_weights 0) so every batch has the same shape.
   """
-  tasks.register_tasks(cfg)
+  lengths = _register_tasks(cfg)
   _check_name(task, "eval_tasks", allow_mixture=False)
   ds = seqio.get_dataset(
       task,
-      task_feature_lengths=_feature_lengths(cfg),
-      feature_converter=MaskedLMFeatureConverter(),
+      task_feature_lengths=lengths,
+      feature_converter=_converter(cfg),
       dataset_split="validation",
       shuffle=False,
       num_epochs=1,

@@ -11,7 +11,7 @@ out like q; lse `[batch, heads, q_seq]` float32, the natural log of the sum over
 exp(q.k / sqrt(head_dim)), -inf for a query that sees no key (out is 0 there).
 
 The mask is `lcjax.kernels.mask.Mask`: causal by each token's original index, within its
-document, optionally a sliding window with sink tokens.
+document, optionally a sliding window with sink tokens, groups (S²-Attn) and a shared anchor.
 
 Implementations (`IMPLS`, picked by `ATTENTION`): "reference" (materialises the scores; the
 ground truth), "blockwise" (flash-style tiles in plain JAX: O(block^2) memory, any backend),
@@ -72,6 +72,8 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
   sink_queries `[batch, mask.sinks, heads, head_dim]` (a window with sinks only): the query to
   score sink j with when it lies beyond the window, in place of q (LM-Infinite's distance limit:
   q rotated to a capped distance from sink j, by the caller, who knows the RoPE).
+  `mask.anchor` changes nothing here: the row is one document, so its first real slot (the
+  anchor, if the prompt starts with one) is visible anyway, and padding slots never are.
   """
   batch, max_len = k_cache.shape[:2]
   column = lambda a: jnp.broadcast_to(jnp.reshape(jnp.asarray(a, jnp.int32), (-1, 1)), (batch, 1))

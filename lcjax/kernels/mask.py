@@ -1,9 +1,12 @@
 """The attention mask every implementation shares (see `lcjax.kernels.attention`).
 
-Query i sees key j iff they are in the same document, j is not after i, and, with a sliding
-window, j is one of the last `window` tokens up to i or one of the first `sinks` tokens of the
-document (attention sinks, StreamingLLM). "After" is by `Tokens.index`, the token's place in the
-unpermuted row, so sequence layouts that reorder tokens keep the mask.
+Query i sees key j iff they are in the same document, j is not after i, with a sliding window
+j is one of the last `window` tokens up to i or one of the first `sinks` tokens of the document
+(attention sinks, StreamingLLM), and with groups (LongLoRA's S²-Attn) i and j fall in the same
+group of `group` tokens, the groups shifted by `group_shift`. "After" and the groups are by
+`Tokens.index`, the token's place in the unpermuted row, so sequence layouts that reorder tokens
+keep the mask. With `anchor` (AnchorAttention), every real query also sees the row's first token
+(index 0) whatever the rules above: one anchor shared by all documents of a packed row.
 
 `Mask` is the one definition: `Mask.visible` says, elementwise, which (query, key) pairs are
 visible, and `Mask.live` says, from the token ranges of two blocks (`Ranges`), whether any pair
@@ -67,9 +70,15 @@ class Mask:
 
   window: None for full causal attention, else the last `window` tokens up to the query (itself
   included); sinks: with a window, the first `sinks` tokens of every document stay visible.
+  anchor: every real query (segment > 0) sees the real key at index 0 too; padding queries
+  keep seeing only their own segment.
+  group: None, or queries see only keys in their group: index + group_shift, divided by group.
   """
   window: int | None = None
   sinks: int = 0
+  anchor: bool = False
+  group: int | None = None
+  group_shift: int = 0
 
   def __post_init__(self):
     if self.window is not None and self.window < 1:
@@ -77,6 +86,14 @@ class Mask:
                        "window.")
     if self.sinks < 0:
       raise ValueError(f"sinks={self.sinks} must be >= 0.")
+    if self.group is not None and self.group < 1:
+      raise ValueError(f"group={self.group} must be >= 1 (tokens), or None for no groups.")
+    if not 0 <= self.group_shift < (self.group or 1):
+      raise ValueError(f"group_shift={self.group_shift} must be in [0, group={self.group}).")
+
+  def _group_of(self, index):
+    # Floor division: padded query rows have index -1; they see nothing by segment anyway.
+    return (index + self.group_shift) // self.group
 
   def visible(self, q_seg, q_idx, q_pos, kv_seg, kv_idx, kv_pos):
     """bool, elementwise with broadcasting: does the query see the key? THE definition.
@@ -89,6 +106,12 @@ class Mask:
     if self.window is not None:
       near = q_idx - kv_idx < self.window
       mask &= (near | (kv_pos < self.sinks)) if self.sinks else near
+    if self.group is not None:
+      mask &= self._group_of(q_idx) == self._group_of(kv_idx)
+    if self.anchor:
+      # Padding keys (segment <= 0) are never the anchor: a left-padded decode cache has one at
+      # slot 0. The anchor is before every query: no causal test needed.
+      mask |= (kv_idx == 0) & (kv_seg > 0) & (q_seg > 0)
     return mask
 
   def live(self, q: Ranges, kv: Ranges):
@@ -99,6 +122,11 @@ class Mask:
     if self.window is not None:
       near = q.lo_index - kv.hi_index < self.window
       live &= (near | (kv.lo_position < self.sinks)) if self.sinks else near
+    if self.group is not None:  # the blocks' group ranges overlap
+      live &= ((self._group_of(kv.lo_index) <= self._group_of(q.hi_index))
+               & (self._group_of(q.lo_index) <= self._group_of(kv.hi_index)))
+    if self.anchor:  # the kv block holds index 0 and a real key, the q block a real query
+      live |= (kv.lo_index <= 0) & (kv.hi_segment > 0) & (q.hi_segment > 0)
     return live
 
   def dense(self, q: Tokens, kv: Tokens) -> jax.Array:

@@ -2,6 +2,7 @@
 "*" mixer, its config and its FLOPs."""
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import gin
@@ -42,6 +43,12 @@ class AttentionConfig:
   window: None for full causal attention, else a sliding window of that many tokens (the token
     itself included); sinks: with a window, the first tokens of every document that stay
     visible to all later ones (StreamingLLM's attention sinks).
+  anchor: AnchorAttention: every document of a packed row also sees the row's first token (the
+    data must insert one: `DataConfig.anchor`; `lcjax.data.pipeline.check_anchor`).
+  s2_groups: LongLoRA's S²-Attn for training, 0 for off: attention within `s2_groups` groups of
+    seq / s2_groups tokens, the groups of half of the heads shifted by half a group so that
+    information crosses groups. Prefill and decoding always attend fully; evaluate with
+    `ModelConfig.for_inference()`.
   impl: the kernel, by name (`lcjax.kernels.attention.IMPLS`); "auto" picks the fastest one
     the backend has.
   block_q / block_kv: the tiles of the tiled kernels ("blockwise", "pallas", and each device's
@@ -58,6 +65,8 @@ class AttentionConfig:
   max_distance: int | None = None
   window: int | None = None
   sinks: int = 0
+  anchor: bool = False
+  s2_groups: int = 0
   impl: str = "auto"
   block_q: int = 128
   block_kv: int = 128
@@ -81,6 +90,11 @@ class AttentionConfig:
       raise ConfigError(f"AttentionConfig.sinks={self.sinks} needs >= 0 and a sliding window "
                         f"(without one every token is visible anyway): set "
                         f"AttentionConfig.window or AttentionConfig.sinks = 0.")
+    if self.s2_groups and (self.s2_groups < 2 or self.num_heads % 2):
+      raise ConfigError(
+          f"AttentionConfig.s2_groups={self.s2_groups} needs >= 2 groups (LongLoRA: 4) and an "
+          f"even num_heads={self.num_heads} (half of the heads shift): fix one of them, or set "
+          f"s2_groups = 0 for full attention.")
     attention_kernels.ATTENTION.check_name(self.impl, "AttentionConfig.impl")
 
   def __hash__(self):
@@ -111,7 +125,8 @@ class AttentionConfig:
 
   @property
   def mask(self) -> Mask:
-    return Mask(window=self.window, sinks=self.sinks)
+    """The mask of full attention (prefill, decoding, and training without S²)."""
+    return Mask(window=self.window, sinks=self.sinks, anchor=self.anchor)
 
 
 def attention_flops(cfg: AttentionConfig, d_model: int, seq_len: int) -> float:
@@ -151,6 +166,29 @@ def _check_room(index: jax.Array, max_len: int) -> None:
   jax.lax.cond(index >= max_len, lambda: jax.debug.callback(fail, index), lambda: None)
 
 
+def s2_attention(attend, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask,
+                 groups: int) -> jax.Array:
+  """LongLoRA's S²-Attn: the first half of the heads attend within `groups` groups of
+  G = seq / groups tokens, the second half within groups shifted by G / 2.
+
+  q `[batch, seq, heads, head_dim]`, k, v `[batch, seq, kv_heads, head_dim]` -> like q;
+  attend(q, k, v, mask=...) is the attention op. Each half is one kernel call with the group
+  rule in its mask (the kernels take one mask for all heads). Unlike LongLoRA's roll of the
+  shifted heads, nothing wraps around: the first G / 2 tokens form a group of their own.
+  """
+  seq, heads, kv_heads = q.shape[1], q.shape[2], k.shape[2]
+  if seq % groups:
+    raise ValueError(f"AttentionConfig.s2_groups={groups} must divide the sequence length "
+                     f"{seq}: change one of them.")
+  size = seq // groups
+  if kv_heads % 2:  # a kv head read by query heads of both halves: each head gets its own
+    k, v = (jnp.repeat(x, heads // kv_heads, axis=2) for x in (k, v))
+  halves = zip(*(jnp.split(x, 2, axis=2) for x in (q, k, v)))
+  outs = [attend(*qkv, mask=dataclasses.replace(mask, group=size, group_shift=shift))
+          for qkv, shift in zip(halves, (0, size // 2))]
+  return jnp.concatenate(outs, axis=2)
+
+
 class Attention(nnx.Module):
   """q/k/v/o projections (no biases) around `ops.attention` (`lcjax.kernels.ops`)."""
 
@@ -165,6 +203,7 @@ class Attention(nnx.Module):
     self.dtype = wide.dtype
     self.mask = cfg.mask
     self.max_distance = cfg.max_distance
+    self.s2_groups = cfg.s2_groups
     self.kernel = dict(impl=cfg.impl, block_q=cfg.block_q, block_kv=cfg.block_kv)
     self.ops = ops
 
@@ -195,8 +234,11 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
     """x `[batch, seq, embed]`, segment_ids/positions `[batch, seq]` -> `[batch, seq, embed]`."""
     q, k, v = self._qkv(x, positions, x.shape[1])
-    return self._out(self.ops.attention(q, k, v, segment_ids, positions, mask=self.mask,
-                                        **self.kernel))
+    attend = functools.partial(self.ops.attention, segment_ids=segment_ids, positions=positions,
+                               **self.kernel)
+    if not self.s2_groups:
+      return self._out(attend(q, k, v, mask=self.mask))
+    return self._out(s2_attention(attend, q, k, v, self.mask, self.s2_groups))
 
   # --- decoding (one device; one document per row, left-padded to a common prompt length) ---
 

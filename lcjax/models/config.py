@@ -90,6 +90,11 @@ class ModelConfig:
     """The sub-config the mixer of a pattern symbol reads."""
     return getattr(self, MIXERS[symbol].name)
 
+  def for_inference(self) -> "ModelConfig":
+    """This config with training-only attention off (S²-Attn: full attention instead). The
+    parameters are the same: evaluate a model trained with S² through this config's graphdef."""
+    return dataclasses.replace(self, attention=dataclasses.replace(self.attention, s2_groups=0))
+
   @property
   def num_layers(self) -> int:
     """Blocks in the model: one per pattern symbol, as Megatron counts hybrid layers."""

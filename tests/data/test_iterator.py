@@ -10,20 +10,31 @@ def _same(a, b):
   )
 
 
-def test_state_round_trip_is_exact_for_the_mixture():
-  cfg = data.DataConfig(train_mixture="lcjax_demo", sequence_length=512, seed=7)
-  it = data.make_train_iterator(cfg, batch_size=8)
-  for _ in range(5):
+def _check_round_trip(cfg, batch_size, skip, check):
+  it = data.make_train_iterator(cfg, batch_size=batch_size)
+  for _ in range(skip):
     next(it)
   state = it.state()
   assert isinstance(state, bytes) and len(state) < 1_000_000
-  expected = [next(it) for _ in range(6)]
-  fresh = data.make_train_iterator(cfg, batch_size=8)
+  expected = [next(it) for _ in range(check)]
+  fresh = data.make_train_iterator(cfg, batch_size=batch_size)
   fresh.restore(state)
-  assert _same([next(fresh) for _ in range(6)], expected)
+  assert _same([next(fresh) for _ in range(check)], expected)
   # Restoring rewinds an iterator that already moved past the state.
   it.restore(state)
-  assert _same([next(it) for _ in range(6)], expected)
+  assert _same([next(it) for _ in range(check)], expected)
+
+
+def test_state_round_trip_is_exact_for_the_mixture():
+  cfg = data.DataConfig(train_mixture="lcjax_demo", sequence_length=512, seed=7)
+  _check_round_trip(cfg, batch_size=8, skip=5, check=6)
+
+
+def test_state_round_trip_is_exact_with_the_anchor():
+  """The partial row in the checkpoint starts with the anchor; positions run on."""
+  cfg = data.DataConfig(train_mixture="lcjax_demo", sequence_length=512, seed=3, anchor=True,
+                        continuous_positions=True)
+  _check_round_trip(cfg, batch_size=2, skip=3, check=3)
 
 
 def test_seed_changes_order_and_same_seed_repeats():

@@ -163,4 +163,10 @@ def test_mask_arguments_are_checked():
     Mask(window=0)
   with pytest.raises(ValueError, match="sinks=-1 must be >= 0"):
     Mask(window=4, sinks=-1)
+  with pytest.raises(ValueError, match="group=0 must be >= 1"):
+    Mask(group=0)
+  with pytest.raises(ValueError, match=r"group_shift=4 must be in \[0, group=4\)"):
+    Mask(group=4, group_shift=4)
+  with pytest.raises(ValueError, match="group_shift=1 must be in"):
+    Mask(group_shift=1)
 

@@ -1,10 +1,12 @@
 """A new mask shape is one change in one place: a subclass of `Mask`, defined here in the test
-only, is honoured by every attention implementation.
+only, or a field of `Mask`, is honoured by every attention implementation.
 
 `DistanceLimit` (LM-Infinite's distance limit) additionally hides keys `max_distance` or more
-tokens before the query, sinks included, and refines `live` to match. Each implementation runs
-with it and is compared, forward and (where differentiable) backward, with a float64 loop that
-applies `mask.visible` directly, one query at a time.
+tokens before the query, sinks included, and refines `live` to match. `ANCHOR_S2` is the shared
+anchor (AnchorAttention) with shifted groups (S²-Attn): the anchor is seen across groups, so the
+tiles that groups alone would skip must stay live where they hold it. Each implementation runs
+with each shape and is compared, forward and (where differentiable) backward, with a float64 loop
+that applies `mask.visible` directly, one query at a time.
 """
 import dataclasses
 import functools
@@ -39,6 +41,22 @@ class DistanceLimit(Mask):
 
 
 MASK = DistanceLimit(window=6, sinks=2, max_distance=20)
+
+
+def anchor_s2(seq: int) -> Mask:
+  """The anchor, and groups of a quarter row shifted by half a group (LongLoRA's shifted half)."""
+  return Mask(anchor=True, group=seq // 4, group_shift=seq // 8)
+
+
+# Mask shapes by name, each for a row of `seq` tokens.
+MASKS = {"distance_limit": lambda seq: MASK, "anchor_s2": anchor_s2}
+
+
+def anchored(segment_ids: np.ndarray) -> np.ndarray:
+  """Packed rows as the data builds them with an anchor: index 0 is a document of its own."""
+  out = np.where(segment_ids > 0, segment_ids + 1, 0)
+  out[:, 0] = 1
+  return out
 
 
 def visible_loop(mask: Mask, q: Tokens, kv: Tokens) -> np.ndarray:
@@ -99,17 +117,25 @@ RUNNERS = {
 SHAPES = {"pallas_tpu": dict(batch=1, q_seq=160, heads=2, kv_heads=1, head_dim=32)}
 
 
+def random_tokens(rng, mask: Mask, batch: int, seq: int, max_docs: int) -> Tokens:
+  seg = random_segments(rng, batch, seq, max_docs=max_docs)
+  seg = anchored(seg) if mask.anchor else seg
+  return row_tokens(jnp.asarray(seg), jnp.asarray(positions_of(seg)))
+
+
+@pytest.mark.parametrize("shape", sorted(MASKS))
 @pytest.mark.parametrize("impl", sorted(RUNNERS))
-def test_every_implementation_honours_a_new_mask_shape(rng, impl):
-  shape = SHAPES.get(impl, dict(batch=2, q_seq=64, heads=4, kv_heads=2, head_dim=16))
-  q, k, v = random_qkv(rng, **shape)
+def test_every_implementation_honours_a_new_mask_shape(rng, impl, shape):
+  size = SHAPES.get(impl, dict(batch=2, q_seq=64, heads=4, kv_heads=2, head_dim=16))
+  q, k, v = random_qkv(rng, **size)
   batch, seq, heads, _ = q.shape
-  seg = random_segments(rng, batch, seq, max_docs=3)
-  tokens = row_tokens(jnp.asarray(seg), jnp.asarray(positions_of(seg)))
+  mask = MASKS[shape](seq)
+  tokens = random_tokens(rng, mask, batch, seq, max_docs=3)
+  seg = np.asarray(tokens.segment_ids)
   dout = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
   dlse = jnp.asarray(rng.standard_normal((batch, heads, seq)), jnp.float32)
-  got = RUNNERS[impl](q, k, v, tokens, dout, dlse, mask=MASK)
-  want = naive_attention(q, k, v, visible_loop(MASK, tokens, tokens), dout,
+  got = RUNNERS[impl](q, k, v, tokens, dout, dlse, mask=mask)
+  want = naive_attention(q, k, v, visible_loop(mask, tokens, tokens), dout,
                          dlse if got[1] is not None else np.zeros(dlse.shape))
   for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
     if g is not None:
@@ -127,16 +153,30 @@ def test_decode_attention_honours_a_new_mask_shape(rng):
   assert_close(got, want[:, -1:], F32, f"length={length}")
 
 
-def test_live_is_conservative_and_refined(rng):
-  """The subclass's `live` never drops a block pair that holds a visible pair, and skips pairs
-  that the shared mask alone keeps (sinks farther than max_distance)."""
+def test_decode_attention_ignores_the_anchor(rng):
+  """A decoded row is one document: with left padding (slot 0 is padding, not an anchor) and
+  without, the anchor changes nothing."""
+  max_len, length = 16, int(rng.integers(4, 17))
+  q, k, v = random_qkv(rng, q_seq=max_len)
+  start = jnp.asarray([0, int(rng.integers(1, length))], jnp.int32)
+  step = jax.jit(decode_attention, static_argnames="mask")
+  args = (q[:, length - 1:length], k, v, jnp.int32(length))
+  np.testing.assert_array_equal(step(*args, start=start, mask=Mask(anchor=True)),
+                                step(*args, start=start, mask=Mask()))
+
+
+@pytest.mark.parametrize("shape", sorted(MASKS))
+def test_live_is_conservative_and_refined(rng, shape):
+  """`live` never drops a block pair that holds a visible pair, and skips pairs that causal
+  documents alone keep: for the subclass sinks farther than max_distance, for groups the
+  earlier groups (though not the anchor's block)."""
   seq, block = 96, 8
-  seg = random_segments(rng, 2, seq, max_docs=2)
-  tokens = row_tokens(jnp.asarray(seg), jnp.asarray(positions_of(seg)))
+  mask = MASKS[shape](seq)
+  tokens = random_tokens(rng, mask, 2, seq, max_docs=2)
   ranges = block_ranges(tokens, block)
   n = seq // block
-  needed = visible_loop(MASK, tokens, tokens).reshape(2, n, block, n, block).any(axis=(2, 4))
-  live = np.asarray(MASK.live_pairs(ranges, ranges))
+  needed = visible_loop(mask, tokens, tokens).reshape(2, n, block, n, block).any(axis=(2, 4))
+  live = np.asarray(mask.live_pairs(ranges, ranges))
   assert np.all(live[needed]), "a needed block pair is not live"
-  shared = np.asarray(Mask(window=6, sinks=2).live_pairs(ranges, ranges))
-  assert live.sum() < shared.sum()
+  shared = Mask(window=6, sinks=2) if shape == "distance_limit" else Mask()
+  assert live.sum() < np.asarray(shared.live_pairs(ranges, ranges)).sum()

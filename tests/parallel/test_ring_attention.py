@@ -109,6 +109,13 @@ def test_window_and_sinks(rng, layout, method):
   check_against_reference(rng, sequence_mesh(), layout, method, mask=Mask(window=11, sinks=2))
 
 
+def test_anchor_and_shifted_groups(rng):
+  """Contiguous, causal: groups let the ring skip most steps, but every device's queries see
+  the anchor on the first device, so that step is never skipped."""
+  check_against_reference(rng, sequence_mesh(), "contiguous", "ring",
+                          mask=Mask(anchor=True, group=16, group_shift=8))
+
+
 @pytest.mark.parametrize("method", ["ring", "allgather"])
 def test_pallas_kernel_for_the_per_block_work(rng, method):
   """The Pallas flash kernel (interpret mode here) as each block's work: it returns the lse the
