@@ -83,7 +83,7 @@ def test_module_and_inference_config(rng):
   segment_ids = jnp.ones((2, 64), jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(64), (2, 64))
   forward = lambda m: jax.jit(lambda x: m(x, segment_ids=segment_ids, positions=positions))(x)
-  q, k, v = jax.jit(module._qkv)(x, positions)
+  q, k, v = jax.jit(lambda x, p: module._qkv(x, p, x.shape[1]))(x, positions)
   want = module._out(s2_reference(q, k, v, cfg.mask, 4))
   assert_close(forward(module), want, F32, "S² through the model")
   assert model_cfg.for_inference().attention.s2_groups == 0
