@@ -74,7 +74,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, suite=None,
              "train_length": run.data.sequence_length,
              "metrics": evaluate(setup.eval_step, params, load_eval_batches(run))}
   names = eval_cfg.suite if suite is None else tuple(suite)
-  model = model_for(setup, run, params, model_skeleton(run.model)[0], vocabulary(run.data),
+  model = model_for(setup, run, params, model_skeleton(run.model.for_inference())[0], vocabulary(run.data),
                     eval_cfg.rows)
   results["probes"] = run_suite(model, names)
   if jax.process_index() == 0:

@@ -329,7 +329,7 @@ class InLoop:
     self.names, self.rows = eval_cfg.in_loop, eval_cfg.rows
     self.setup, self.run = setup, run
     self.vocab = vocabulary(run.data)
-    self.local_graphdef = model_skeleton(run.model)[0] if self.names else None
+    self.local_graphdef = model_skeleton(run.model.for_inference())[0] if self.names else None
 
   def __call__(self, params) -> tuple[dict, dict]:
     from lcjax.eval import plots, report
