@@ -66,11 +66,14 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state, data_state: bytes, config: str, force: bool = False) -> bool:
+  def save(self, step: int, state, data_state: bytes, config: str, force: bool = False,
+           record: dict | None = None) -> bool:
     """Saves if `step` is on the interval (or `force`); returns whether a save started. A step
     already saved (or being saved) is not saved again: False, no error.
 
-    `config` is the run's operative gin text, saved with the checkpoint. Every process's
+    `config` is the run's operative gin text, saved with the checkpoint with `record` (JSON
+    data the loop reads back on resume: the stages, and which one the data state is of; see
+    `record_of`). Every process's
     data-iterator state is kept (each reads its own share of the data); all processes must call
     this together, as they must for the arrays.
     """
@@ -84,7 +87,7 @@ class Checkpointer:
     try:
       return self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
-          config=ocp.args.JsonSave({"gin": config})), force=force)
+          config=ocp.args.JsonSave({**(record or {}), "gin": config})), force=force)
     except Exception as e:
       if _os_error(e) is None:
         raise
@@ -92,15 +95,42 @@ class Checkpointer:
 
   def config_of(self, step: int) -> str | None:
     """The operative gin text saved with checkpoint `step` (None: it holds none)."""
+    return (self.record_of(step) or {}).get("gin")
+
+  def record_of(self, step: int) -> dict | None:
+    """The `record` saved with checkpoint `step`, and its gin text as "gin" (None: it holds
+    neither)."""
     if not os.path.isdir(os.path.join(self._step_dir(step), "config")):
       return None
     restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return restored["config"]["gin"]
+    return restored["config"]
 
   def restore(self, step: int, abstract_state, config: str) -> tuple[object, bytes]:
     """(state, this process's data-iterator state) of checkpoint `step`, restored into the
     shapes, dtypes and shardings of `abstract_state`. `config` is the current operative gin
     text (named in a mismatch). Checks the manifest before reading any array."""
+    verified, saved = self._saved_tree(step)
+    self._check_fits(step, saved, abstract_state, config)
+    restored = self._read(step, verified, state=ocp.args.StandardRestore(abstract_state),
+                          data=ocp.args.JsonRestore())
+    try:
+      data_state = base64.b64decode(restored["data"][f"iterator_{jax.process_index()}"])
+    except Exception as e:
+      raise self._unreadable(step, verified, e) from e
+    return restored["state"], data_state
+
+  def restore_part(self, step: int, abstract_part: dict, check) -> dict:
+    """Some of checkpoint `step`'s state: the top-level items of `abstract_part` (e.g. only
+    {"params": ...}), into its shapes and shardings. `check(saved)` gets the saved tree's
+    metadata (`array_differences` compares it) and raises on a mismatch before any array is
+    read. Checks the manifest first."""
+    verified, saved = self._saved_tree(step)
+    check(getattr(saved, "tree", saved))
+    return self._read(step, verified,
+                      state=ocp.args.StandardRestore(abstract_part, strict=False))["state"]
+
+  def _saved_tree(self, step: int):
+    """(verified, the state item's orbax metadata) of checkpoint `step`."""
     verified = self._verify(step)
     try:
       saved = self._manager.item_metadata(step)["state"]
@@ -108,14 +138,13 @@ class Checkpointer:
         raise FileNotFoundError(f"no readable state item in {self._step_dir(step)}")
     except Exception as e:  # orbax raises many types for unreadable metadata
       raise self._unreadable(step, verified, e) from e
-    self._check_fits(step, saved, abstract_state, config)
+    return verified, saved
+
+  def _read(self, step: int, verified: bool, **items):
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-      data_state = base64.b64decode(restored["data"][f"iterator_{jax.process_index()}"])
+      return self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:
       raise self._unreadable(step, verified, e) from e
-    return restored["state"], data_state
 
   def restore_latest(self, abstract_state, config: str,
                      fallback: bool = False) -> tuple[object, bytes, int] | None:
@@ -244,7 +273,7 @@ class Checkpointer:
 
   def _check_fits(self, step: int, saved, abstract_state, config: str) -> None:
     """CheckpointMismatchError when `step`'s arrays are not those of `abstract_state`."""
-    differences = _array_differences(saved, abstract_state)
+    differences = array_differences(saved, abstract_state)
     if not differences:
       return
     old = self.config_of(step)
@@ -295,17 +324,18 @@ class _ManifestedRename(ocp.path.atomicity.AtomicRenameTemporaryPath):
       manifest.write(str(final))
 
 
-def _array_differences(saved, abstract_state) -> list[str]:
-  """What differs between `saved` (orbax tree metadata) and `abstract_state`, one line per kind
+def array_differences(saved, abstract_state, was: str = "the checkpoint", now: str = "the model",
+                      change: str = "checkpoint -> now") -> list[str]:
+  """What differs between `saved` (orbax tree metadata, or any tree of arrays) and
+  `abstract_state` (`was` and `now` name them, `change` the direction), one line per kind
   (missing, unexpected, changed shape or dtype), each naming the first few paths (parameters
   before the optimizer state) and counting the rest."""
   have, want = _shapes(getattr(saved, "tree", saved)), _shapes(abstract_state)
   paths = sorted(have.keys() | want.keys(), key=lambda p: (not p.startswith("params"), p))
   kinds = {
-      "not in the checkpoint": [f"{p} {_describe(want[p])}" for p in paths if p not in have],
-      "in the checkpoint, not in the model": [
-          f"{p} {_describe(have[p])}" for p in paths if p not in want],
-      "changed (checkpoint -> now)": [
+      f"not in {was}": [f"{p} {_describe(want[p])}" for p in paths if p not in have],
+      f"in {was}, not in {now}": [f"{p} {_describe(have[p])}" for p in paths if p not in want],
+      f"changed ({change})": [
           f"{p} {_describe(have[p])} -> {_describe(want[p])}"
           for p in paths if p in have and p in want and have[p] != want[p]],
   }
