@@ -81,7 +81,7 @@ def _check(saved, abstract: dict, where: str) -> None:
     differences = array_differences({item: saved.get(item, {})}, {item: abstract[item]},
                                     "that checkpoint", "this run", "there -> here")
     if differences:
-      raise ConfigError(f"{where} holds {what} that do not fit this run: "
+      raise ConfigError(f"{where}: this run's {what} cannot take that checkpoint's: "
                         f"{'. '.join(differences)}. Fix: {fix}.")
 
 

@@ -40,8 +40,9 @@ class Stage:
     the length grows.
   peak_learning_rate / warmup_steps / final_learning_rate_fraction: this stage's piece of the
     schedule (warmup from 0, cosine to peak * fraction at its last step).
-  attention / model: AttentionConfig / ModelConfig field overrides (`{"rope_theta": 1e6}`,
-    `{"remat": "full"}`), any field but those the parameters' shapes depend on.
+  attention / model / data: AttentionConfig / ModelConfig / DataConfig field overrides
+    (`{"rope_theta": 1e6}`, `{"remat": "full"}`, `{"eval_tasks": ("lcjax_shakespeare",)}`),
+    any field but those the parameters' shapes depend on.
   The stage's name is its gin scope (`long` in `@long/Stage()`), used in logs and errors.
   """
   steps: int = 0
@@ -54,6 +55,7 @@ class Stage:
   final_learning_rate_fraction: float | None = None
   attention: dict = dataclasses.field(default_factory=dict)
   model: dict = dataclasses.field(default_factory=dict)
+  data: dict = dataclasses.field(default_factory=dict)
   name: str = dataclasses.field(default="", init=False)  # gin scope, not a binding
 
   def __post_init__(self):
@@ -118,8 +120,9 @@ def stage_run(base, stage: Stage):
   """The Run `stage` trains under: `base` with the stage's overrides (a Run's copy)."""
   try:
     seq_len = stage.sequence_length or base.data.sequence_length
-    data = _replace(base.data, {"sequence_length": stage.sequence_length,
-                                "train_mixture": stage.train_mixture}, None)
+    named = {"sequence_length": stage.sequence_length, "train_mixture": stage.train_mixture}
+    data = _replace(base.data, {**stage.data, **{k: v for k, v in named.items() if v}},
+                    stage.binding("data"))
     attention = _replace(base.model.attention, stage.attention, stage.binding("attention"))
     model = _replace(base.model, {**stage.model, "attention": attention},
                      stage.binding("model"))
@@ -141,14 +144,14 @@ def _rows(stage: Stage, seq_len: int) -> int | None:
 
 
 def _replace(config, overrides: dict, binding: str | None):
-  """`config` with the non-None `overrides` (validated again by its __post_init__); an unknown
-  field is a ConfigError naming `binding` and the fields there are."""
+  """`config` with `overrides` (validated again by its __post_init__); an unknown field is a
+  ConfigError naming `binding` and the fields there are."""
   fields = {f.name for f in dataclasses.fields(config) if f.init}
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise ConfigError(f"{binding} names {unknown}, not fields of {type(config).__name__} "
                       f"(its fields: {sorted(fields)}).")
-  return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+  return dataclasses.replace(config, **overrides)
 
 
 def learning_rate(run) -> optax.Schedule:

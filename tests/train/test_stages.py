@@ -13,11 +13,14 @@ from lcjax.config import parse_gin
 from lcjax.errors import ConfigError
 from lcjax.run import Run, TrainConfig
 from lcjax.train import optim, stages
-from tests.train.runs import DEMO_GIN, bindings, read_jsonl, train_in_process, train_losses
+from lcjax.train.loop import _build_stages, train
+from tests.train.runs import (DEMO_GIN, REPO, bindings, read_jsonl, train_in_process,
+                              train_losses)
 
 STEPS = 6
 # Two stages of 3 steps: 64-token rows of text, then 128-token rows of the demo mixture (the same
-# tokens per step), another RoPE base and learning rate. A checkpoint every 2 steps, and one at the boundary (step 3).
+# tokens per step), another RoPE base and learning rate. A checkpoint every 2 steps, and one at
+# the boundary (step 3).
 STAGED = bindings(TrainConfig__steps=STEPS, TrainConfig__checkpoint_every=2,
                   TrainConfig__keep_checkpoints=10, TrainConfig__eval_every=1000,
                   DataConfig__eval_tasks=("lcjax_mqar",)) + [
@@ -87,8 +90,8 @@ def test_bad_stages_are_config_errors_naming_the_binding(clean_gin, extra, named
 
 def test_a_stage_that_changes_parameter_shapes_fails_before_training(clean_gin, tmp_path):
   with pytest.raises(ConfigError, match=r"stage 1 \(long\) changes the model's parameters: .*"
-                     r"changed \(stage 0 -> stage 1 \(long\)\): blocks.0.mixer.k float32\[32, 1, 16\] -> "
-                     r"float32\[32, 1, 8\]"):
+                     r"changed \(stage 0 -> stage 1 \(long\)\): blocks.0.mixer.k "
+                     r"float32\[32, 1, 16\] -> float32\[32, 1, 8\]"):
     train_in_process(tmp_path, STAGED + ["long/Stage.attention = {'head_dim': 8}"])
   assert not (tmp_path / "checkpoints").exists()
 
@@ -166,3 +169,35 @@ def test_no_stages_is_one_stage_of_the_whole_run(clean_gin):
   assert (only.start, only.end, only.run) == (0, 5, run) and TrainConfig().stages == ()
   lr, expected = stages.learning_rate(run), optim.schedule(run.optim, 5)
   assert [float(lr(s)) for s in range(5)] == [float(expected(s)) for s in range(5)]
+
+
+RECIPES = {  # recipe -> (sequence length, RoPE base) of each stage
+    "prolong_style": [(128, 15625.0), (1024, 250000.0)],
+    "lwm_progressive": [(32, 1e3), (128, 1e4), (256, 1e4), (512, 2.5e4), (1024, 5e4)],
+    "abf_extension": [(64, 1e4), (256, 1e6)],
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_each_recipe_parses_and_builds_its_stages(clean_gin, recipe):
+  parse_gin([f"{REPO}/configs/recipes/{recipe}.gin"], [])
+  run = Run.from_gin()
+  planned = stages.plan(run)
+  assert [(p.run.data.sequence_length, p.run.model.attention.rope_theta)
+          for p in planned] == RECIPES[recipe]
+  assert {p.run.train.batch_size * p.run.data.sequence_length for p in planned} == {8192}
+  assert len(_build_stages(planned)) == len(planned)
+
+
+def test_a_recipe_runs_a_step_per_stage(tmp_path):
+  gin.clear_config()
+  parse_gin([f"{REPO}/configs/recipes/abf_extension.gin"],
+            ["abf_4k/Stage.steps = 1", "abf_16k/Stage.steps = 1", "TrainConfig.steps = 2",
+             "TrainConfig.eval_batches = 1"])
+  try:
+    summary = train(str(tmp_path))
+  finally:
+    gin.clear_config()
+  rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
+  assert [(r["step"], r["sequence_length"]) for r in rows] == [(1, 64), (2, 256)]
+  assert summary["step"] == 2 and "eval/lcjax_passkey/exact_match" in summary["eval"]
