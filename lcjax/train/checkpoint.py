@@ -36,6 +36,7 @@ from lcjax.config import binding_changes
 from lcjax.errors import (CheckpointCorruptError, CheckpointError,  # noqa: F401 (re-exported)
                           CheckpointMismatchError, CheckpointWriteError)
 from lcjax.train import manifest
+from lcjax.train.shapes import array_differences, first
 
 
 class Checkpointer:
@@ -247,7 +248,7 @@ class Checkpointer:
             flush=True)
       return False
     if found:
-      raise self._corrupt(step, "; ".join(_first(found)))
+      raise self._corrupt(step, "; ".join(first(found)))
     return True
 
   def _corrupt(self, step: int, damage: str) -> CheckpointCorruptError:
@@ -283,7 +284,7 @@ class Checkpointer:
                  f"in {self.workdir}")
     else:
       changes = binding_changes(old, config)
-      changed = ("gin bindings changed since it was written: " + "; ".join(_first(changes))
+      changed = ("gin bindings changed since it was written: " + "; ".join(first(changes))
                  if changes else "no gin binding changed (did the model code change?)")
     raise CheckpointMismatchError(
         f"Checkpoint step {step} in {self._step_dir(step)} is intact but holds a different "
@@ -322,44 +323,6 @@ class _ManifestedRename(ocp.path.atomicity.AtomicRenameTemporaryPath):
     final = self.get_final()
     if final.name.isdigit():  # the step directory, not one of its items
       manifest.write(str(final))
-
-
-def array_differences(saved, abstract_state, was: str = "the checkpoint", now: str = "the model",
-                      change: str = "checkpoint -> now") -> list[str]:
-  """What differs between `saved` (orbax tree metadata, or any tree of arrays) and
-  `abstract_state` (`was` and `now` name them, `change` the direction), one line per kind
-  (missing, unexpected, changed shape or dtype), each naming the first few paths (parameters
-  before the optimizer state) and counting the rest."""
-  have, want = _shapes(getattr(saved, "tree", saved)), _shapes(abstract_state)
-  paths = sorted(have.keys() | want.keys(), key=lambda p: (not p.startswith("params"), p))
-  kinds = {
-      f"not in {was}": [f"{p} {_describe(want[p])}" for p in paths if p not in have],
-      f"in {was}, not in {now}": [f"{p} {_describe(have[p])}" for p in paths if p not in want],
-      f"changed ({change})": [
-          f"{p} {_describe(have[p])} -> {_describe(want[p])}"
-          for p in paths if p in have and p in want and have[p] != want[p]],
-  }
-  return [f"{len(found)} {kind}: {'; '.join(_first(found, 3))}"
-          for kind, found in kinds.items() if found]
-
-
-def _shapes(tree) -> dict[str, tuple[tuple, str]]:
-  """{dotted path: (shape, dtype name)} of the array leaves of `tree`."""
-  leaves = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
-  return {".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-                   for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
-          for path, leaf in leaves}
-
-
-def _describe(shape_dtype: tuple) -> str:
-  shape, dtype = shape_dtype
-  return f"{dtype}{list(shape)}"
-
-
-def _first(items: list[str], shown: int = 5) -> list[str]:
-  """The first `shown` of `items`, then "and N more"."""
-  return items[:shown] + ([f"and {len(items) - shown} more"] if len(items) > shown else [])
 
 
 def _status(problems: list[str] | None) -> str:

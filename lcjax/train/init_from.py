@@ -14,7 +14,8 @@ import jax
 import optax
 
 from lcjax.errors import ConfigError
-from lcjax.train.checkpoint import Checkpointer, array_differences
+from lcjax.train.checkpoint import Checkpointer
+from lcjax.train.shapes import array_differences
 from lcjax.workdir import CHECKPOINTS
 
 

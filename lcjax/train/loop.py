@@ -28,8 +28,9 @@ from lcjax.parallel import sharding
 from lcjax.run import Run, Setup, build, load_eval_batches
 from lcjax.train import flops, init_from, stages
 from lcjax.train import state as train_state
-from lcjax.train.checkpoint import Checkpointer, array_differences
+from lcjax.train.checkpoint import Checkpointer
 from lcjax.train.metrics import MetricsWriter, Throughput
+from lcjax.train.shapes import array_differences
 from lcjax.train.step import make_train_step
 from lcjax.workdir import prepare_workdir
 
