@@ -127,8 +127,15 @@ class Checkpointer:
     read. Checks the manifest first."""
     verified, saved = self._saved_tree(step)
     check(getattr(saved, "tree", saved))
-    return self._read(step, verified,
-                      state=ocp.args.StandardRestore(abstract_part, strict=False))["state"]
+    try:  # the manager's handler restores whole trees only
+      with ocp.PyTreeCheckpointer() as reader:
+        return reader.restore(os.path.join(self._step_dir(step), "state"),
+                              args=ocp.args.PyTreeRestore(
+                                  abstract_part, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(
+                                      abstract_part)))
+    except Exception as e:
+      raise self._unreadable(step, verified, e) from e
 
   def _saved_tree(self, step: int):
     """(verified, the state item's orbax metadata) of checkpoint `step`."""
