@@ -119,14 +119,13 @@ def check_steps(stages, steps: int) -> None:
 def stage_run(base, stage: Stage):
   """The Run `stage` trains under: `base` with the stage's overrides (a Run's copy)."""
   try:
-    seq_len = stage.sequence_length or base.data.sequence_length
     named = {"sequence_length": stage.sequence_length, "train_mixture": stage.train_mixture}
-    data = _replace(base.data, {**stage.data, **{k: v for k, v in named.items() if v}},
+    data = _replace(base.data, {**stage.data, **{k: v for k, v in named.items() if v is not None}},
                     stage.binding("data"))
     attention = _replace(base.model.attention, stage.attention, stage.binding("attention"))
     model = _replace(base.model, {**stage.model, "attention": attention},
                      stage.binding("model"))
-    rows = _rows(stage, seq_len) or base.train.batch_size
+    rows = _rows(stage, data.sequence_length) or base.train.batch_size
     train = dataclasses.replace(base.train, batch_size=rows)
   except ConfigError as e:
     raise type(e)(f"In stage {stage.name or '(unnamed)'}: {e}") from e
