@@ -107,6 +107,13 @@ def stage_at(planned: list[Planned], step: int) -> int:
   return next((p.index for p in planned if step < p.end), planned[-1].index)
 
 
+def run_at(run, step: int):
+  """The Run that trained step `step` (a checkpoint's step): the one to evaluate it with (its
+  stage's RoPE settings and sequence length)."""
+  planned = plan(run)
+  return planned[stage_at(planned, max(step - 1, 0))].run
+
+
 def check_steps(stages, steps: int) -> None:
   """TrainConfig.steps must be the stages' total (the loop and the schedule end there)."""
   total = sum(s.steps for s in stages)

@@ -62,6 +62,7 @@ def test_stages_parse_into_runs_with_their_overrides(clean_gin):
   assert long.run.model.attention.rope_theta == 1e5
   assert short.run.model.attention == run.model.attention  # None and {} inherit the base
   assert [stages.stage_at([short, long], s) for s in (0, 2, 3, 5, 6)] == [0, 0, 1, 1, 1]
+  assert [stages.run_at(run, s).data.sequence_length for s in (1, 3, 4, 6)] == [64, 64, 128, 128]
 
 
 def test_one_schedule_joined_from_the_stages_pieces(clean_gin):
