@@ -57,7 +57,8 @@ class TrainConfig:
   init_mode: str = "params"
 
   def __post_init__(self):
-    object.__setattr__(self, "stages", tuple(self.stages))  # gin gives a list
+    if isinstance(self.stages, list):  # gin gives a list
+      object.__setattr__(self, "stages", tuple(self.stages))
     check_types(self)
     check_positive(self, ("steps", "batch_size", "grad_accum_steps", "log_every", "eval_every",
                           "checkpoint_every", "keep_checkpoints"))
