@@ -23,8 +23,11 @@ from lcjax.parallel import sharding
 from lcjax.parallel.layout import permute_batch, unpermute
 from lcjax.parallel.mesh import MeshConfig, make_mesh
 from lcjax.parallel.sequence import SequenceConfig, SequenceSharding
-from lcjax.train import optim
+from lcjax.train import optim, stages
 from lcjax.train import state as train_state
+from lcjax.train.stages import Stage
+
+INIT_MODES = ("params", "params_and_optimizer")
 
 
 @gin.configurable
@@ -44,8 +47,18 @@ class TrainConfig:
   # A damaged newest checkpoint on resume: "stop" with a message, or "fallback": set it aside
   # (DIR/quarantine/) and resume from the newest intact one.
   on_corrupt_checkpoint: str = "stop"
+  # Training stages, in order (lcjax.train.stages); empty: one stage of `steps` steps. With
+  # stages, `steps` must be their total.
+  stages: tuple[Stage, ...] = ()
+  # Start from another run's checkpoint, "DIR[:STEP]" (its workdir or checkpoints/ directory;
+  # the newest step by default), when this workdir has no checkpoint of its own. init_mode:
+  # "params", or "params_and_optimizer" (moments too); the step counter starts at 0.
+  init_from: str | None = None
+  init_mode: str = "params"
 
   def __post_init__(self):
+    if isinstance(self.stages, list):  # gin gives a list
+      object.__setattr__(self, "stages", tuple(self.stages))
     check_types(self)
     check_positive(self, ("steps", "batch_size", "grad_accum_steps", "log_every", "eval_every",
                           "checkpoint_every", "keep_checkpoints"))
@@ -57,6 +70,10 @@ class TrainConfig:
       raise ConfigError(
           f"TrainConfig.on_corrupt_checkpoint = {self.on_corrupt_checkpoint!r}; expected "
           "'stop' or 'fallback'.")
+    if self.init_mode not in INIT_MODES:
+      raise ConfigError(f"TrainConfig.init_mode = {self.init_mode!r}; expected one of "
+                        f"{INIT_MODES}.")
+    stages.check_steps(self.stages, self.steps)
 
 
 @dataclasses.dataclass
@@ -136,8 +153,9 @@ def build(run: Run) -> Setup:
   if sequence is not None:
     sequence.check(seq_len)
   graphdef, abstract_params = train_state.model_skeleton(run.model, sequence)
-  optimizer = optim.make_optimizer(
-      run.optim, run.train.steps, optim.decay_mask(abstract_params, run.optim))
+  schedule = stages.learning_rate(run)
+  optimizer = optim.make_optimizer(run.optim, schedule,
+                                   optim.decay_mask(abstract_params, run.optim))
   shardings = train_state.state_shardings(abstract_params, optimizer, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -152,7 +170,7 @@ def build(run: Run) -> Setup:
   eval_step = _host_eval_step(jitted_eval_step, rules, batch_sharding, sequence, seq_len)
   return Setup(
       mesh=mesh, rules=rules, graphdef=graphdef, abstract_params=abstract_params,
-      schedule=optim.schedule(run.optim, run.train.steps), optimizer=optimizer,
+      schedule=schedule, optimizer=optimizer,
       shardings=shardings, batch_sharding=batch_sharding, replicated=replicated,
       put_batch=put_batch, eval_step=eval_step, jitted_eval_step=jitted_eval_step,
       sequence=sequence, train_rows=train_rows, data_shard=data_shard, data_shards=data_shards)

@@ -36,6 +36,7 @@ from lcjax.config import binding_changes
 from lcjax.errors import (CheckpointCorruptError, CheckpointError,  # noqa: F401 (re-exported)
                           CheckpointMismatchError, CheckpointWriteError)
 from lcjax.train import manifest
+from lcjax.train.shapes import array_differences, first
 
 
 class Checkpointer:
@@ -66,11 +67,14 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state, data_state: bytes, config: str, force: bool = False) -> bool:
+  def save(self, step: int, state, data_state: bytes, config: str, force: bool = False,
+           record: dict | None = None) -> bool:
     """Saves if `step` is on the interval (or `force`); returns whether a save started. A step
     already saved (or being saved) is not saved again: False, no error.
 
-    `config` is the run's operative gin text, saved with the checkpoint. Every process's
+    `config` is the run's operative gin text, saved with the checkpoint with `record` (JSON
+    data the loop reads back on resume: the stages, and which one the data state is of; see
+    `record_of`). Every process's
     data-iterator state is kept (each reads its own share of the data); all processes must call
     this together, as they must for the arrays.
     """
@@ -84,7 +88,7 @@ class Checkpointer:
     try:
       return self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
-          config=ocp.args.JsonSave({"gin": config})), force=force)
+          config=ocp.args.JsonSave({**(record or {}), "gin": config})), force=force)
     except Exception as e:
       if _os_error(e) is None:
         raise
@@ -92,15 +96,49 @@ class Checkpointer:
 
   def config_of(self, step: int) -> str | None:
     """The operative gin text saved with checkpoint `step` (None: it holds none)."""
+    return (self.record_of(step) or {}).get("gin")
+
+  def record_of(self, step: int) -> dict | None:
+    """The `record` saved with checkpoint `step`, and its gin text as "gin" (None: it holds
+    neither)."""
     if not os.path.isdir(os.path.join(self._step_dir(step), "config")):
       return None
     restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return restored["config"]["gin"]
+    return restored["config"]
 
   def restore(self, step: int, abstract_state, config: str) -> tuple[object, bytes]:
     """(state, this process's data-iterator state) of checkpoint `step`, restored into the
     shapes, dtypes and shardings of `abstract_state`. `config` is the current operative gin
     text (named in a mismatch). Checks the manifest before reading any array."""
+    verified, saved = self._saved_tree(step)
+    self._check_fits(step, saved, abstract_state, config)
+    restored = self._read(step, verified, state=ocp.args.StandardRestore(abstract_state),
+                          data=ocp.args.JsonRestore())
+    try:
+      data_state = base64.b64decode(restored["data"][f"iterator_{jax.process_index()}"])
+    except Exception as e:
+      raise self._unreadable(step, verified, e) from e
+    return restored["state"], data_state
+
+  def restore_part(self, step: int, abstract_part: dict, check) -> dict:
+    """Some of checkpoint `step`'s state: the top-level items of `abstract_part` (e.g. only
+    {"params": ...}), into its shapes and shardings. `check(saved)` gets the saved tree's
+    metadata (`array_differences` compares it) and raises on a mismatch before any array is
+    read. Checks the manifest first."""
+    verified, saved = self._saved_tree(step)
+    check(getattr(saved, "tree", saved))
+    try:  # the manager's handler restores whole trees only
+      with ocp.PyTreeCheckpointer() as reader:
+        return reader.restore(os.path.join(self._step_dir(step), "state"),
+                              args=ocp.args.PyTreeRestore(
+                                  abstract_part, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(
+                                      abstract_part)))
+    except Exception as e:
+      raise self._unreadable(step, verified, e) from e
+
+  def _saved_tree(self, step: int):
+    """(verified, the state item's orbax metadata) of checkpoint `step`."""
     verified = self._verify(step)
     try:
       saved = self._manager.item_metadata(step)["state"]
@@ -108,14 +146,13 @@ class Checkpointer:
         raise FileNotFoundError(f"no readable state item in {self._step_dir(step)}")
     except Exception as e:  # orbax raises many types for unreadable metadata
       raise self._unreadable(step, verified, e) from e
-    self._check_fits(step, saved, abstract_state, config)
+    return verified, saved
+
+  def _read(self, step: int, verified: bool, **items):
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-      data_state = base64.b64decode(restored["data"][f"iterator_{jax.process_index()}"])
+      return self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:
       raise self._unreadable(step, verified, e) from e
-    return restored["state"], data_state
 
   def restore_latest(self, abstract_state, config: str,
                      fallback: bool = False) -> tuple[object, bytes, int] | None:
@@ -218,7 +255,7 @@ class Checkpointer:
             flush=True)
       return False
     if found:
-      raise self._corrupt(step, "; ".join(_first(found)))
+      raise self._corrupt(step, "; ".join(first(found)))
     return True
 
   def _corrupt(self, step: int, damage: str) -> CheckpointCorruptError:
@@ -244,7 +281,7 @@ class Checkpointer:
 
   def _check_fits(self, step: int, saved, abstract_state, config: str) -> None:
     """CheckpointMismatchError when `step`'s arrays are not those of `abstract_state`."""
-    differences = _array_differences(saved, abstract_state)
+    differences = array_differences(saved, abstract_state)
     if not differences:
       return
     old = self.config_of(step)
@@ -254,7 +291,7 @@ class Checkpointer:
                  f"in {self.workdir}")
     else:
       changes = binding_changes(old, config)
-      changed = ("gin bindings changed since it was written: " + "; ".join(_first(changes))
+      changed = ("gin bindings changed since it was written: " + "; ".join(first(changes))
                  if changes else "no gin binding changed (did the model code change?)")
     raise CheckpointMismatchError(
         f"Checkpoint step {step} in {self._step_dir(step)} is intact but holds a different "
@@ -293,43 +330,6 @@ class _ManifestedRename(ocp.path.atomicity.AtomicRenameTemporaryPath):
     final = self.get_final()
     if final.name.isdigit():  # the step directory, not one of its items
       manifest.write(str(final))
-
-
-def _array_differences(saved, abstract_state) -> list[str]:
-  """What differs between `saved` (orbax tree metadata) and `abstract_state`, one line per kind
-  (missing, unexpected, changed shape or dtype), each naming the first few paths (parameters
-  before the optimizer state) and counting the rest."""
-  have, want = _shapes(getattr(saved, "tree", saved)), _shapes(abstract_state)
-  paths = sorted(have.keys() | want.keys(), key=lambda p: (not p.startswith("params"), p))
-  kinds = {
-      "not in the checkpoint": [f"{p} {_describe(want[p])}" for p in paths if p not in have],
-      "in the checkpoint, not in the model": [
-          f"{p} {_describe(have[p])}" for p in paths if p not in want],
-      "changed (checkpoint -> now)": [
-          f"{p} {_describe(have[p])} -> {_describe(want[p])}"
-          for p in paths if p in have and p in want and have[p] != want[p]],
-  }
-  return [f"{len(found)} {kind}: {'; '.join(_first(found, 3))}"
-          for kind, found in kinds.items() if found]
-
-
-def _shapes(tree) -> dict[str, tuple[tuple, str]]:
-  """{dotted path: (shape, dtype name)} of the array leaves of `tree`."""
-  leaves = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
-  return {".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-                   for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
-          for path, leaf in leaves}
-
-
-def _describe(shape_dtype: tuple) -> str:
-  shape, dtype = shape_dtype
-  return f"{dtype}{list(shape)}"
-
-
-def _first(items: list[str], shown: int = 5) -> list[str]:
-  """The first `shown` of `items`, then "and N more"."""
-  return items[:shown] + ([f"and {len(items) - shown} more"] if len(items) > shown else [])
 
 
 def _status(problems: list[str] | None) -> str:

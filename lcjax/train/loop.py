@@ -1,7 +1,8 @@
 """The one train loop: gin-configured, sharded, checkpointed, resumable.
 
-    Run -> build (lcjax.run) -> state (fresh or restored) -> jitted step, repeated:
-    log every `log_every`, eval every `eval_every`, checkpoint every `checkpoint_every`;
+    Run -> stages (lcjax.train.stages) -> build (lcjax.run) each -> state (restored, from
+    another run, or fresh) -> per stage, its jitted step, repeated: log every `log_every`,
+    eval every `eval_every`, checkpoint every `checkpoint_every` and at the stage's end;
     SIGTERM saves a checkpoint and stops; a non-finite step stops the run and sets aside the
     checkpoints it poisoned.
 """
@@ -15,18 +16,21 @@ import threading
 import gin
 import jax
 import tqdm
+from flax import nnx
 
 from lcjax.config import binding_changes
+from lcjax.data import tasks
 from lcjax.data.pipeline import make_train_iterator
 from lcjax.errors import ConfigError, NonFiniteLossError
 from lcjax.eval.evaluate import evaluate
 from lcjax.eval.suite import EvalConfig, InLoop
 from lcjax.parallel import sharding
 from lcjax.run import Run, Setup, build, load_eval_batches
-from lcjax.train import flops
+from lcjax.train import flops, init_from, stages
 from lcjax.train import state as train_state
 from lcjax.train.checkpoint import Checkpointer
 from lcjax.train.metrics import MetricsWriter, Throughput
+from lcjax.train.shapes import array_differences
 from lcjax.train.step import make_train_step
 from lcjax.workdir import prepare_workdir
 
@@ -34,56 +38,108 @@ from lcjax.workdir import prepare_workdir
 def train(workdir: str, run: Run | None = None) -> dict:
   """Trains (resuming from the newest checkpoint in `workdir`) and returns a summary."""
   run = run or Run.from_gin()
-  cfg = run.train
   workdir = prepare_workdir(workdir)
+  planned = stages.plan(run)
   with contextlib.ExitStack() as cleanup:
-    # ---- Assemble: mesh, shardings, optimizer; this process's share of the data.
-    setup = build(run)
+    # ---- Assemble every stage before training any: a bad stage fails now, not hours in.
+    setups = _build_stages(planned)
+    config = _operative_config(planned[0].run)
+
+    # ---- State: the newest checkpoint's, another run's (init_from), or fresh.
+    ckpt = cleanup.enter_context(contextlib.closing(Checkpointer(
+        workdir, every=run.train.checkpoint_every, keep=run.train.keep_checkpoints)))
+    state, start, saved_data = _restore_or_init(run, setups[0], ckpt, config)
+    _describe(workdir, setups[0], config, start)
+
+    # ---- Outputs: metrics and progress bar (process 0), the summary returned.
+    writer, bar = _progress(workdir, run.train.steps, start, cleanup)
+    loop = _Loop(ckpt, _PendingMetrics(ckpt, run, start), writer, bar, config,
+                 {"stages": [s.record() for s in run.train.stages]},
+                 _summary(workdir, ckpt), cleanup.enter_context(_sigterm_flag()))
+
+    # ---- Stages: from the one the next step belongs to, each to its end (or SIGTERM).
+    step = start
+    for p in planned[stages.stage_at(planned, start):]:
+      if step >= p.end or loop.summary["preempted"]:
+        break
+      state, step = loop.stage(p, setups[p.index], state, step, saved_data)
+  loop.summary["step"] = step
+  return loop.summary
+
+
+def _build_stages(planned: list[stages.Planned]) -> list[Setup]:
+  """Each stage's Setup; a stage whose parameters differ from the first stage's fails here,
+  naming them (parameters and optimizer state carry over from stage to stage)."""
+  setups = [build(p.run) for p in planned]
+  first = nnx.to_pure_dict(setups[0].abstract_params)
+  for p, setup in zip(planned[1:], setups[1:]):
+    differences = array_differences(first, nnx.to_pure_dict(setup.abstract_params),
+                                    "stage 0", p.label, f"stage 0 -> {p.label}")
+    if differences:
+      raise ConfigError(
+          f"{p.label} changes the model's parameters: {'. '.join(differences)}. A stage may "
+          "change only what the parameters do not depend on (sequence length, batch, RoPE, "
+          "data, schedule): set its Stage.model / Stage.attention overrides back.")
+  return setups
+
+
+def _operative_config(run: Run) -> str:
+  """The operative gin text, once every configurable a run reads was read (the data tasks'
+  configs are read when they are registered)."""
+  tasks.register_tasks(run.data)
+  return gin.operative_config_str()
+
+
+class _Loop:
+  """What the stages of one `train` call share: checkpoints, metrics, progress, SIGTERM."""
+
+  def __init__(self, ckpt, pending, writer, bar, config, record, summary, preempted):
+    self.ckpt, self.pending, self.writer, self.bar = ckpt, pending, writer, bar
+    self.config, self.record, self.summary, self.preempted = config, record, summary, preempted
+
+  def stage(self, p: stages.Planned, setup: Setup, state, step: int, saved_data):
+    """Trains stage `p` from `step` to its end; its own data, jitted step, eval and throughput.
+    `saved_data`: (stage index, data state) of the checkpoint resumed from, or None."""
+    run, cfg = p.run, p.run.train
     data = make_train_iterator(run.data, cfg.batch_size // setup.data_shards,
                                shard_index=setup.data_shard, num_shards=setup.data_shards)
-    config = gin.operative_config_str()  # after every configurable (data tasks too) was read
-
-    # ---- State: the newest checkpoint's, or fresh; the jitted step; eval data.
-    ckpt = cleanup.enter_context(contextlib.closing(
-        Checkpointer(workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)))
-    state, start = _restore_or_init(run, setup, ckpt, data, config)
-    _describe(workdir, setup, config, start)
+    if saved_data is not None and saved_data[0] == p.index:  # else it ended the stage before
+      data.restore(saved_data[1])
+    if run.train.stages:
+      print(f"\n{p.label}: steps {step + 1}-{p.end}, sequence length "
+            f"{run.data.sequence_length}, batch {cfg.batch_size}", flush=True)
     step_fn = _jit_train_step(setup, cfg.grad_accum_steps)
     eval_batches, in_loop = load_eval_batches(run), InLoop(setup, run, EvalConfig())
-
-    # ---- Outputs: metrics and progress bar (process 0), throughput, the summary returned.
-    writer, bar = _progress(workdir, cfg.steps, start, cleanup)
-    pending, throughput = _PendingMetrics(ckpt, run, start), _throughput(run)
-    summary = _summary(workdir, ckpt)
-    preempted = cleanup.enter_context(_sigterm_flag())
-
-    # ---- Loop: a step; then log, eval and checkpoint when due; on SIGTERM save and stop.
-    step = start
-    while step < cfg.steps:
-      if preempted.is_set():
-        _preempt(ckpt, pending, step, state, data, config)
-        summary["preempted"] = True
+    throughput, record = _throughput(run), {**self.record, "stage": p.index}
+    while step < p.end:
+      if self.preempted.is_set():
+        _preempt(self.ckpt, self.pending, step, state, data, self.config, record)
+        self.summary["preempted"] = True
         break
       state, metrics = step_fn(state, setup.put_batch(next(data), cfg.batch_size))
       step += 1
-      ckpt.check()  # a background save that failed (a full disk) stops the run here
-      pending.add(step, metrics)
+      self.ckpt.check()  # a background save that failed (a full disk) stops the run here
+      self.pending.add(step, metrics)
       throughput.step()
-      bar.update(1)
-      if _due(step, cfg.log_every, cfg.steps):
-        summary["train"] = _log(step, pending.drain(), throughput, writer, bar)
-      if _due(step, cfg.eval_every, cfg.steps):
-        pending.drain()
+      self.bar.update(1)
+      if _due(step, cfg.log_every, p.end):
+        self.summary["train"] = _log(step, self.pending.drain(), throughput, self.writer,
+                                     self.bar, p)
+      if _due(step, cfg.eval_every, p.end):
+        self.pending.drain()
         with throughput.excluded():  # eval time is not training time
-          summary["eval"] = evaluate(setup.eval_step, state["params"], eval_batches)
-          probe_scalars, images = in_loop(state["params"])
-        summary["eval"].update(probe_scalars)
-        writer.write(step, summary["eval"])
-        writer.write_images(step, images)
-      if _due(step, cfg.checkpoint_every, cfg.steps):
-        _save(ckpt, pending, step, state, data, config, force=step == cfg.steps)
-  summary["step"] = step
-  return summary
+          self._eval(step, state["params"], setup, eval_batches, in_loop)
+      if _due(step, cfg.checkpoint_every, p.end):  # stage ends always: resume at a boundary
+        _save(self.ckpt, self.pending, step, state, data, self.config, record,
+              force=step == p.end)
+    return state, step
+
+  def _eval(self, step: int, params, setup: Setup, eval_batches, in_loop) -> None:
+    self.summary["eval"] = evaluate(setup.eval_step, params, eval_batches)
+    probe_scalars, images = in_loop(params)
+    self.summary["eval"].update(probe_scalars)
+    self.writer.write(step, self.summary["eval"])
+    self.writer.write_images(step, images)
 
 
 def _due(step: int, every: int, last: int) -> bool:
@@ -119,19 +175,29 @@ def _unused(workdir: str, stem: str, suffix: str, content: str) -> str:
   return name
 
 
-def _restore_or_init(run: Run, setup: Setup, ckpt: Checkpointer, data,
-                     config: str) -> tuple[dict, int]:
-  """(state, step): the newest checkpoint's (the data iterator's position too), else fresh."""
+def _restore_or_init(run: Run, setup: Setup, ckpt: Checkpointer,
+                     config: str) -> tuple[dict, int, tuple[int, bytes] | None]:
+  """(state, step, (stage index, data state) or None): the newest checkpoint's, else one from
+  TrainConfig.init_from, else fresh. This run's own checkpoint takes precedence over init_from:
+  once a run initialised from another has saved, running it again resumes it."""
   restored = ckpt.restore_latest(setup.abstract_state(), config,
                                  fallback=run.train.on_corrupt_checkpoint == "fallback")
   if restored is None:
-    return train_state.init_state(run.model, run.train.seed, setup.optimizer,
-                                  setup.shardings), 0
+    fresh = train_state.init_state(run.model, run.train.seed, setup.optimizer, setup.shardings)
+    if run.train.init_from is None:
+      return fresh, 0, None
+    return init_from.initial_state(run.train, setup, fresh, config), 0, None
   state, data_state, start = restored
-  _check_same_length(ckpt, start, config)  # its files are verified by now
-  data.restore(data_state)
+  record = ckpt.record_of(start) or {}  # its files are verified by now
+  if run.train.stages or record.get("stages"):
+    stages.check_resumable(record.get("stages"), run.train.stages, start, ckpt.directory)
+  else:
+    _check_same_length(ckpt, start, config)
+  if run.train.init_from is not None:
+    print(f"TrainConfig.init_from = {run.train.init_from!r} is ignored: this workdir has "
+          "checkpoints of its own, and resuming them takes precedence.")
   print(f"Resumed from {ckpt.directory}/{start}")
-  return state, start
+  return state, start, (record.get("stage", 0), data_state)
 
 
 def _check_same_length(ckpt: Checkpointer, step: int, config: str) -> None:
@@ -237,27 +303,30 @@ class _PendingMetrics:
         f"OptimConfig.warmup_steps (now {self._optim.warmup_steps}), or check the data.")
 
 
-def _log(step: int, fetched: list, throughput: Throughput, writer: MetricsWriter, bar) -> dict:
-  """Writes the newest step's metrics with the throughput since the last log."""
+def _log(step: int, fetched: list, throughput: Throughput, writer: MetricsWriter, bar,
+         p: stages.Planned) -> dict:
+  """Writes the newest step's metrics with the throughput since the last log (within stage
+  `p`: the log is due at each stage's end) and the stage."""
   _, metrics = fetched[-1]
   logged = {k: float(v) for k, v in metrics.items() if k != "loss_tokens"}
   logged.update(throughput.report())
+  logged.update(stage=p.index, sequence_length=p.run.data.sequence_length)
   writer.write(step, logged)
   bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{logged['lr']:.1e}")
   return {"step": step, **logged}
 
 
 def _save(ckpt: Checkpointer, pending: _PendingMetrics, step: int, state, data, config: str,
-          force: bool) -> None:
+          record: dict, force: bool) -> None:
   """Checkpoints `step` when due (or `force`), once its metrics are known to be finite."""
   pending.drain()
-  ckpt.save(step, state, data.state(), config, force=force)
+  ckpt.save(step, state, data.state(), config, force=force, record=record)
 
 
 def _preempt(ckpt: Checkpointer, pending: _PendingMetrics, step: int, state, data,
-             config: str) -> None:
+             config: str, record: dict) -> None:
   """Saves `step` (if the interval did not just save it) and waits until it is on disk."""
-  _save(ckpt, pending, step, state, data, config, force=True)
+  _save(ckpt, pending, step, state, data, config, record, force=True)
   ckpt.wait()
   print(f"\nSIGTERM: checkpoint step {step} is saved in {ckpt.directory}; exiting. Run the "
         "same command again to resume from it.")

@@ -57,9 +57,12 @@ def decay_mask(abstract_params: nnx.State, cfg: OptimConfig):
   return nnx.to_pure_dict(mask)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int, mask) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, learning_rate: optax.Schedule,
+                   mask) -> optax.GradientTransformation:
+  """AdamW following `learning_rate` (`lcjax.train.stages.learning_rate`: one schedule over
+  the whole run, stages included)."""
   return optax.chain(
       optax.clip_by_global_norm(cfg.clip_norm),
-      optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+      optax.adamw(learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                   weight_decay=cfg.weight_decay, mask=mask),
   )

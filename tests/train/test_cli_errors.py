@@ -78,6 +78,11 @@ def case(tmp_path_factory):
       "workdir_is_a_file": ("lcjax.train", str(a_file), []),
       "eval_mistyped_workdir": ("lcjax.eval", fresh("mistyped"), []),
       "eval_missing_step": ("lcjax.eval", trained, ["--step=7"]),
+      "stage_steps": ("lcjax.train", fresh("stage_steps"),
+                      ["--gin_bindings=TrainConfig.stages = [@short/Stage()]",
+                       "--gin_bindings=short/Stage.steps = 3"]),
+      "init_from_missing": ("lcjax.train", fresh("init_from_missing"),
+                            [f"--gin_bindings=TrainConfig.init_from = '{root}/no_such_run'"]),
   }
   if read_only is not None:
     cases["read_only_workdir"] = ("lcjax.train", read_only, [])
@@ -142,6 +147,18 @@ def test_eval_of_a_missing_step_lists_the_available_ones(case):
   out, workdir = case["eval_missing_step"]
   _one_paragraph(out, "No checkpoint at step 7", "available steps: [3]", "Choose --step")
   assert sorted(os.listdir(workdir)) == ["checkpoints"]  # no eval/ results
+
+
+def test_stage_steps_that_do_not_add_up_are_one_paragraph(case):
+  out, workdir = case["stage_steps"]
+  _one_paragraph(out, "TrainConfig.steps = 600, but the stages sum to 3 steps",
+                 "short/Stage.steps = 3", "Set TrainConfig.steps = 3")
+  assert not os.path.exists(workdir)
+
+
+def test_init_from_a_missing_run_is_one_paragraph(case):
+  out, _ = case["init_from_missing"]
+  _one_paragraph(out, "TrainConfig.init_from = ", "no_such_run does not exist", "DIR:STEP")
 
 
 def test_verbose_adds_the_traceback_and_keeps_the_status(case):
