@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lcjax.config import check_positive, check_types
-from lcjax.data.pipeline import DataConfig, make_eval_batches, vocabulary
+from lcjax.data.pipeline import DataConfig, check_anchor, make_eval_batches, vocabulary
 from lcjax.errors import ConfigError
 from lcjax.models.config import ModelConfig
 from lcjax.models.loss import token_losses
@@ -147,24 +147,28 @@ def build(run: Run) -> Setup:
   """Checks the configs against each other and the devices, then assembles the run."""
   mesh, rules = make_mesh(run.mesh_config), sharding.logical_rules()
   seq_len = run.data.sequence_length
-  sharding.check_batch(run.train.batch_size // run.train.grad_accum_steps, seq_len, mesh, rules)
   check_vocabulary(run.model, run.data)
+  check_anchor(run.model, run.data)
   sequence = SequenceSharding.create(mesh, rules, SequenceConfig())
-  if sequence is not None:
-    sequence.check(seq_len)
+  for rows, length in train_shapes(run):
+    sharding.check_batch(rows // run.train.grad_accum_steps, length, mesh, rules)
+    if sequence is not None:
+      sequence.check(length)
+  # Training may differ from evaluation (S²-Attn); the parameters are the same.
   graphdef, abstract_params = train_state.model_skeleton(run.model, sequence)
+  eval_graphdef, _ = train_state.model_skeleton(run.model.for_inference(), sequence)
   schedule = stages.learning_rate(run)
   optimizer = optim.make_optimizer(run.optim, schedule,
                                    optim.decay_mask(abstract_params, run.optim))
   shardings = train_state.state_shardings(abstract_params, optimizer, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   replicated = NamedSharding(mesh, PartitionSpec())
-  put_batch = _batch_placer(batch_sharding, sequence, seq_len)
+  put_batch = _batch_placer(batch_sharding, sequence)
   # This process's share of a train batch: its rows (processes holding the same rows, with the
   # sequence split across them, load the same data) and, of those, its positions.
   train_rows, _, data_shard, data_shards = sharding.process_share(
       batch_sharding, (run.train.batch_size, seq_len))
-  jitted_eval_step = jax.jit(_eval_step(graphdef),
+  jitted_eval_step = jax.jit(_eval_step(eval_graphdef),
                              in_shardings=(shardings["params"], batch_sharding),
                              out_shardings=replicated)
   eval_step = _host_eval_step(jitted_eval_step, rules, batch_sharding, sequence, seq_len)
@@ -180,12 +184,20 @@ def _layout(sequence: SequenceSharding | None) -> tuple[str, int]:
   return (sequence.layout, sequence.shards) if sequence else ("contiguous", 1)
 
 
-def _batch_placer(batch_sharding, sequence, seq_len: int):
+def train_shapes(run: Run) -> list[tuple[int, int]]:
+  """(global rows, length) of every train batch shape: one, or one per length bucket (a bucket
+  2^j times shorter than sequence_length has 2^j times the rows: constant tokens)."""
+  longest, rows = run.data.sequence_length, run.train.batch_size
+  return [(rows * (longest // n), n) for n in (run.data.length_buckets or (longest,))]
+
+
+def _batch_placer(batch_sharding, sequence):
   layout, shards = _layout(sequence)
 
   def put_batch(rows: dict, global_rows: int) -> dict:
     """This process's rows of a host batch (whole rows, original order) -> global arrays:
     permuted into the sequence layout, then each process's positions of them."""
+    seq_len = next(iter(rows.values())).shape[1]
     rows = permute_batch(rows, layout, shards)
     _, positions, _, _ = sharding.process_share(batch_sharding, (global_rows, seq_len))
     return {k: jax.make_array_from_process_local_data(batch_sharding, v[:, positions],
@@ -205,7 +217,7 @@ def _eval_step(graphdef):
 
 def _host_eval_step(jitted_eval, rules, batch_sharding, sequence, seq_len: int):
   layout, shards = _layout(sequence)
-  put_batch = _batch_placer(batch_sharding, sequence, seq_len)
+  put_batch = _batch_placer(batch_sharding, sequence)
 
   def eval_step(params, batch: dict):
     """A whole host batch (every process passes the same) -> host (losses, correct), in the

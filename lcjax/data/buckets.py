@@ -22,22 +22,20 @@ compile of the train step, not one per batch.
 
 import dataclasses
 
-import gin
 import numpy as np
 import seqio
 import tensorflow as tf
 
-from lcjax.config import check_types
 from lcjax.data.converter import MaskedLMFeatureConverter
 from lcjax.errors import ConfigError
 
 SHARE_SAMPLE_DOCUMENTS = 2048  # documents decomposed up front to measure each bucket's share
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class LengthBuckets:
-  """Dataset Decomposition's buckets and curriculum; `lengths=()` keeps packed rows.
+  """Dataset Decomposition's buckets and curriculum (`DataConfig.length_buckets`,
+  `bucket_odds`, `bucket_cycles`).
 
   lengths: the bucket lengths, powers of two, the longest equal to DataConfig.sequence_length
     (a batch of the longest bucket has TrainConfig.batch_size rows, a bucket half as long twice
@@ -51,17 +49,16 @@ class LengthBuckets:
   cycles: int = 1
 
   def __post_init__(self):
-    check_types(self)
     if any(n < 1 or n & (n - 1) for n in self.lengths) or list(self.lengths) != sorted(
         set(self.lengths)):
-      raise ConfigError(f"LengthBuckets.lengths={self.lengths} must be distinct powers of two "
-                        "in increasing order, e.g. (64, 128, 256).")
+      raise ConfigError(f"DataConfig.length_buckets={self.lengths} must be distinct powers of "
+                        "two in increasing order, e.g. (64, 128, 256).")
     if self.odds is not None and (len(self.odds) != len(self.lengths)
                                   or any(o <= 0 for o in self.odds)):
-      raise ConfigError(f"LengthBuckets.odds={self.odds} needs one positive number per bucket "
-                        f"({len(self.lengths)}), shortest first; or None for Pow-2.")
+      raise ConfigError(f"DataConfig.bucket_odds={self.odds} needs one positive number per "
+                        f"bucket ({len(self.lengths)}), shortest first; or None for Pow-2.")
     if self.cycles < 1:
-      raise ConfigError(f"LengthBuckets.cycles={self.cycles} must be >= 1.")
+      raise ConfigError(f"DataConfig.bucket_cycles={self.cycles} must be >= 1.")
 
   @property
   def bucket_odds(self) -> np.ndarray:
@@ -69,13 +66,13 @@ class LengthBuckets:
       return np.asarray(self.odds, np.float64)
     return 2.0 ** np.arange(len(self.lengths) - 1, -1, -1)
 
-  def check(self, sequence_length: int, batch_size: int) -> None:
+  def check(self, sequence_length: int) -> None:
     """Fails unless the longest bucket is the row length the run is configured for."""
     if self.lengths and self.lengths[-1] != sequence_length:
       raise ConfigError(
-          f"LengthBuckets.lengths={self.lengths} must end at DataConfig.sequence_length="
-          f"{sequence_length} (the longest rows, batch_size={batch_size} of them per batch). "
-          "Set the longest bucket to sequence_length or change sequence_length.")
+          f"DataConfig.length_buckets={self.lengths} must end at DataConfig.sequence_length="
+          f"{sequence_length} (the longest rows, TrainConfig.batch_size of them per batch): "
+          "set the longest bucket to sequence_length or change sequence_length.")
 
 
 def piece_bounds(n: int, lengths: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -123,7 +120,7 @@ def bucket_shares(docs: tf.data.Dataset, lengths: tuple[int, ...],
       tokens[lengths.index(end - start)] += end - start
   if not tokens.sum():
     raise ConfigError(f"No document of the training data is as long as the shortest bucket "
-                      f"({lengths[0]} tokens): lower LengthBuckets.lengths.")
+                      f"({lengths[0]} tokens): lower DataConfig.length_buckets.")
   return tokens / tokens.sum()
 
 
@@ -189,10 +186,12 @@ def task_documents(mixture: str, *, sequence_length: int, seed: int, shard_index
 
 def make_bucketed_dataset(mixture: str, buckets: LengthBuckets, *, sequence_length: int,
                           batch_size: int, steps: int, seed: int, shard_index: int = 0,
-                          num_shards: int = 1, normalize=lambda batch: batch) -> tf.data.Dataset:
-  """`bucketed_batches` of a seqio mixture's training documents (this process's share)."""
-  buckets.check(sequence_length, batch_size)
+                          num_shards: int = 1, normalize=None) -> tf.data.Dataset:
+  """`bucketed_batches` of a seqio mixture's training documents (this process's share);
+  normalize: None, or a map applied to every batch (the loss normalization)."""
+  buckets.check(sequence_length)
   docs = task_documents(mixture, sequence_length=sequence_length, seed=seed,
                         shard_index=shard_index, num_shards=num_shards)
   return bucketed_batches(docs, buckets, batch_size=batch_size, steps=steps, seed=seed,
-                          normalize=lambda ds: ds.map(normalize))
+                          normalize=(lambda ds: ds) if normalize is None else
+                          (lambda ds: ds.map(normalize)))

@@ -12,6 +12,7 @@ import seqio
 import tensorflow as tf
 
 from lcjax.config import check_positive, check_types
+from lcjax.data import buckets as buckets_lib
 from lcjax.data import tasks
 from lcjax.data.converter import MaskedLMFeatureConverter
 from lcjax.data.vocab import vocabulary  # noqa: F401  (public re-export)
@@ -36,6 +37,13 @@ class DataConfig:
   anchor: bool = False
   # Positions count the row's tokens instead of restarting at 0 in every document.
   continuous_positions: bool = False
+  # Dataset Decomposition (buckets.py): () packs rows of sequence_length; else the power-of-two
+  # bucket lengths, the longest = sequence_length, each row one piece of one document, batches
+  # of constant tokens. Odds per bucket (shortest first; None: DD's Pow-2) and cycles set the
+  # curriculum.
+  length_buckets: tuple[int, ...] = ()
+  bucket_odds: tuple[float, ...] | None = None
+  bucket_cycles: int = 1
 
   def __post_init__(self):
     check_types(self)  # a wrong-typed gin binding fails here, naming it
@@ -46,6 +54,16 @@ class DataConfig:
     if self.anchor and self.sequence_length < 2:
       raise ConfigError(f"DataConfig.anchor needs sequence_length >= 2 (the anchor and a "
                         f"token of a document), not {self.sequence_length}.")
+    if self.length_buckets:
+      self.buckets.check(self.sequence_length)
+      if self.anchor or self.continuous_positions:
+        raise ConfigError("DataConfig.length_buckets puts one piece of one document in each "
+                          "row: DataConfig.anchor and continuous_positions do not apply; set "
+                          "them to False or length_buckets = ().")
+
+  @property
+  def buckets(self) -> buckets_lib.LengthBuckets:
+    return buckets_lib.LengthBuckets(self.length_buckets, self.bucket_odds, self.bucket_cycles)
 
 
 def check_anchor(model_cfg, data_cfg: DataConfig) -> None:
@@ -119,15 +137,24 @@ def _deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def make_train_iterator(
-    cfg: DataConfig, batch_size: int, shard_index: int = 0, num_shards: int = 1
-) -> BatchIterator:
+    cfg: DataConfig, batch_size: int, shard_index: int = 0, num_shards: int = 1,
+    steps: int | None = None) -> BatchIterator:
   """Infinite, shuffled (cfg.seed) packed batches of cfg.train_mixture.
 
-  batch_size is this process's rows per batch; shard_index / num_shards pick
-  this process's disjoint share of the examples.
+  batch_size is this process's rows per batch (of the longest rows, with length buckets);
+  shard_index / num_shards pick this process's disjoint share of the examples. steps: how many
+  batches the run takes, which the length-bucket curriculum spreads its cycles over.
   """
   lengths = _register_tasks(cfg)
   _check_name(cfg.train_mixture, "train_mixture", allow_mixture=True)
+  if cfg.length_buckets:
+    if steps is None:
+      raise ValueError("make_train_iterator with DataConfig.length_buckets needs `steps`.")
+    normalize = per_document_weights if cfg.loss_normalization == "documents" else None
+    return BatchIterator(_deterministic(buckets_lib.make_bucketed_dataset(
+        cfg.train_mixture, cfg.buckets, sequence_length=cfg.sequence_length,
+        batch_size=batch_size, steps=steps, seed=cfg.seed, shard_index=shard_index,
+        num_shards=num_shards, normalize=normalize)))
   ds = seqio.get_dataset(
       cfg.train_mixture,
       task_feature_lengths=lengths,

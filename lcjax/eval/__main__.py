@@ -62,6 +62,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, suite=None,
   from lcjax.eval.evaluate import evaluate
   from lcjax.eval.suite import EvalConfig, model_for, run_suite
   from lcjax.run import Run, build, load_eval_batches
+  from lcjax.train import stages
   from lcjax.train.state import model_skeleton
   from lcjax.workdir import existing_workdir
 
@@ -70,12 +71,15 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, suite=None,
   existing_workdir(workdir)
   setup = build(run)
   params, step, checkpoint = restore_params(workdir, setup, step, run.train.keep_checkpoints)
+  if run.train.stages:  # evaluate with the stage that trained it: its length, its RoPE
+    run = stages.run_at(run, step)
+    setup = build(run)
   results = {"model": workdir, "step": step, "checkpoint": checkpoint,
              "train_length": run.data.sequence_length,
              "metrics": evaluate(setup.eval_step, params, load_eval_batches(run))}
   names = eval_cfg.suite if suite is None else tuple(suite)
-  model = model_for(setup, run, params, model_skeleton(run.model.for_inference())[0], vocabulary(run.data),
-                    eval_cfg.rows)
+  model = model_for(setup, run, params, model_skeleton(run.model.for_inference())[0],
+                    vocabulary(run.data), eval_cfg.rows)
   results["probes"] = run_suite(model, names)
   if jax.process_index() == 0:
     out_dir = os.path.join(workdir, "eval", str(step))

@@ -102,7 +102,8 @@ class _Loop:
     `saved_data`: (stage index, data state) of the checkpoint resumed from, or None."""
     run, cfg = p.run, p.run.train
     data = make_train_iterator(run.data, cfg.batch_size // setup.data_shards,
-                               shard_index=setup.data_shard, num_shards=setup.data_shards)
+                               shard_index=setup.data_shard, num_shards=setup.data_shards,
+                               steps=p.end - p.start)
     if saved_data is not None and saved_data[0] == p.index:  # else it ended the stage before
       data.restore(saved_data[1])
     if run.train.stages:
@@ -116,7 +117,9 @@ class _Loop:
         _preempt(self.ckpt, self.pending, step, state, data, self.config, record)
         self.summary["preempted"] = True
         break
-      state, metrics = step_fn(state, setup.put_batch(next(data), cfg.batch_size))
+      batch = next(data)  # rows x length vary with DataConfig.length_buckets; tokens do not
+      global_rows = next(iter(batch.values())).shape[0] * setup.data_shards
+      state, metrics = step_fn(state, setup.put_batch(batch, global_rows))
       step += 1
       self.ckpt.check()  # a background save that failed (a full disk) stops the run here
       self.pending.add(step, metrics)

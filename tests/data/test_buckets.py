@@ -64,15 +64,17 @@ def test_bucket_order_counts_and_curriculum():
 
 def test_config_errors():
   with pytest.raises(ConfigError, match="powers of two"):
-    B.LengthBuckets(lengths=(16, 48))
+    pipeline.DataConfig(sequence_length=48, length_buckets=(16, 48))
   with pytest.raises(ConfigError, match="one positive number per bucket"):
-    B.LengthBuckets(lengths=(16, 32), odds=(1.0,))
+    pipeline.DataConfig(sequence_length=32, length_buckets=(16, 32), bucket_odds=(1.0,))
   with pytest.raises(ConfigError, match="must end at DataConfig.sequence_length=128"):
-    B.LengthBuckets(lengths=(16, 32)).check(128, 4)
+    pipeline.DataConfig(sequence_length=128, length_buckets=(16, 32))
+  with pytest.raises(ConfigError, match="anchor and continuous_positions do not apply"):
+    pipeline.DataConfig(sequence_length=32, length_buckets=(16, 32), anchor=True)
 
 
-def _dataset(steps=64, seed=0, odds=None):
-  buckets = B.LengthBuckets(lengths=LENGTHS, odds=odds)
+def _dataset(steps=64, seed=0):
+  buckets = pipeline.DataConfig(sequence_length=64, length_buckets=LENGTHS).buckets
   return B.make_bucketed_dataset(TASK, buckets, sequence_length=64, batch_size=2, steps=steps,
                                  seed=seed, normalize=pipeline.per_document_weights)
 
