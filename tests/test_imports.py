@@ -22,7 +22,8 @@ LAYERS = [
     ("parallel", ("lcjax.parallel",)),
     ("models", ("lcjax.models",)),
     ("data", ("lcjax.data",)),
-    ("run", ("lcjax.run", "lcjax.train.optim", "lcjax.train.state")),
+    # The configs a run is assembled from live here too: the optimizer, state and stages.
+    ("run", ("lcjax.run", "lcjax.train.optim", "lcjax.train.state", "lcjax.train.stages")),
     ("train/eval", ("lcjax.train", "lcjax.eval")),
 ]
 CLI_LAYER = len(LAYERS)  # lcjax.<package>.__main__
