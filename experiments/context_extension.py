@@ -12,7 +12,8 @@ L and 4L: loss by position over held-out plays (teacher-forced) and the needle g
     theta      rope_theta 1e6 (ABF, Code Llama's base)
 
 Usage:  python experiments/context_extension.py [--out runs/context_extension]
-Prints a table (loss over positions [0, L), [L, 2L), [2L, 4L) at 4L; needle score at 4L) and
+Prints a table (loss in nats over positions [0, L), [L, 2L), [2L, 4L) at 4L; needle score at L
+and 4L) and
 writes the last model's report with every model on its plots (lcjax.eval --compare).
 Scale: at these sizes the numbers show whether the machinery works, not which method is best.
 """
