@@ -56,8 +56,3 @@ class Embed(nnx.Module):
   def __call__(self, ids: jax.Array) -> jax.Array:
     """`[batch, seq]` int -> `[batch, seq, embed]` in the compute dtype."""
     return self.embedding[...][ids].astype(self.dtype)
-
-  def attend(self, x: jax.Array) -> jax.Array:
-    """`[batch, seq, embed]` -> float32 logits `[batch, seq, vocab]` (accumulated in float32)."""
-    table = self.embedding[...].astype(x.dtype)
-    return jnp.einsum("bsd,vd->bsv", x, table, preferred_element_type=jnp.float32)
