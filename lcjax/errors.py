@@ -45,3 +45,8 @@ class CheckpointWriteError(CheckpointError):
 
 class NonFiniteLossError(LcjaxError, FloatingPointError):
   """Training diverged: the loss, gradient norm or updated parameters became non-finite."""
+
+
+class ConvertError(ConfigError):
+  """A checkpoint cannot be converted (an unsupported architecture or config field, a tensor of
+  the wrong shape, a pickle); nothing was written."""

@@ -24,7 +24,7 @@ LAYERS = [
     ("data", ("lcjax.data",)),
     # The configs a run is assembled from live here too: the optimizer, state and stages.
     ("run", ("lcjax.run", "lcjax.train.optim", "lcjax.train.state", "lcjax.train.stages")),
-    ("train/eval", ("lcjax.train", "lcjax.eval")),
+    ("train/eval", ("lcjax.train", "lcjax.eval", "lcjax.convert")),
 ]
 CLI_LAYER = len(LAYERS)  # lcjax.<package>.__main__
 PACKAGES = sorted({m.split(".")[1] if "." in m else m for _, ms in LAYERS for m in ms})

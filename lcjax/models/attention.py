@@ -19,6 +19,7 @@ from lcjax.models.layers import ModelWide, normal_param
 from lcjax.models.rope import ANGLE_DTYPES, apply_rope, check_rope
 
 POSITION_ENCODINGS = ("rope", "none")
+BIASES = ("none", "qkv", "qkvo")
 
 
 @gin.configurable
@@ -49,6 +50,8 @@ class AttentionConfig:
     seq / s2_groups tokens, the groups of half of the heads shifted by half a group so that
     information crosses groups. Prefill and decoding always attend fully; evaluate with
     `ModelConfig.for_inference()`.
+  bias: which projections add a bias: "none" (Llama, Mistral), "qkv" (Qwen2) or "qkvo"
+    (Llama's attention_bias=True).
   impl: the kernel, by name (`lcjax.kernels.attention.IMPLS`); "auto" picks the fastest one
     the backend has.
   block_q / block_kv: the tiles of the tiled kernels ("blockwise", "pallas", and each device's
@@ -67,6 +70,7 @@ class AttentionConfig:
   sinks: int = 0
   anchor: bool = False
   s2_groups: int = 0
+  bias: str = "none"
   impl: str = "auto"
   block_q: int = 128
   block_kv: int = 128
@@ -83,6 +87,8 @@ class AttentionConfig:
       raise ConfigError(f"AttentionConfig.position_encoding={self.position_encoding!r} is not "
                         f"one of {POSITION_ENCODINGS}.")
     self._check_rope()
+    if self.bias not in BIASES:
+      raise ConfigError(f"AttentionConfig.bias={self.bias!r} is not one of {BIASES}.")
     if self.window is not None and self.window < 1:
       raise ConfigError(f"AttentionConfig.window={self.window} must be >= 1 (tokens, the query "
                         f"included), or None for full causal attention.")
@@ -190,7 +196,8 @@ def s2_attention(attend, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask,
 
 
 class Attention(nnx.Module):
-  """q/k/v/o projections (no biases) around `ops.attention` (`lcjax.kernels.ops`)."""
+  """q/k/v/o projections (with biases as `AttentionConfig.bias` says) around `ops.attention`
+  (`lcjax.kernels.ops`)."""
 
   def __init__(self, cfg: AttentionConfig, wide: ModelWide, *, rngs: nnx.Rngs, ops=LOCAL):
     ops.check_attention_impl(cfg.impl)
@@ -199,6 +206,14 @@ class Attention(nnx.Module):
     self.k = normal_param(rngs, (d, kvh, hd), wide.init_std, ("embed", "kv_heads", "head_dim"))
     self.v = normal_param(rngs, (d, kvh, hd), wide.init_std, ("embed", "kv_heads", "head_dim"))
     self.o = normal_param(rngs, (h, hd, d), wide.output_init_std, ("heads", "head_dim", "embed"))
+    zeros = lambda shape, axes: nnx.Param(jnp.zeros(shape, jnp.float32), logical_axes=axes)
+    if cfg.bias != "none":
+      self.q_bias = zeros((h, hd), ("heads", "head_dim"))
+      self.k_bias = zeros((kvh, hd), ("kv_heads", "head_dim"))
+      self.v_bias = zeros((kvh, hd), ("kv_heads", "head_dim"))
+    if cfg.bias == "qkvo":
+      self.o_bias = zeros((d,), ("embed",))
+    self.bias = cfg.bias
     self.rope = cfg if cfg.position_encoding == "rope" else None  # a static (frozen) config
     self.dtype = wide.dtype
     self.mask = cfg.mask
@@ -222,6 +237,9 @@ class Attention(nnx.Module):
     q = jnp.einsum("bsd,dhk->bshk", x, self.q[...].astype(dt))
     k = jnp.einsum("bsd,dhk->bshk", x, self.k[...].astype(dt))
     v = jnp.einsum("bsd,dhk->bshk", x, self.v[...].astype(dt))
+    if self.bias != "none":
+      q, k, v = (y + b[...].astype(dt) for y, b in ((q, self.q_bias), (k, self.k_bias),
+                                                     (v, self.v_bias)))
     return q, k, v
 
   def _qkv(self, x: jax.Array, positions: jax.Array, seq_len):
@@ -229,7 +247,8 @@ class Attention(nnx.Module):
     return self._rotate(q, positions, seq_len), self._rotate(k, positions, seq_len), v
 
   def _out(self, out: jax.Array) -> jax.Array:
-    return jnp.einsum("bshk,hkd->bsd", out, self.o[...].astype(out.dtype))
+    y = jnp.einsum("bshk,hkd->bsd", out, self.o[...].astype(out.dtype))
+    return y + self.o_bias[...].astype(y.dtype) if self.bias == "qkvo" else y
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
     """x `[batch, seq, embed]`, segment_ids/positions `[batch, seq]` -> `[batch, seq, embed]`."""

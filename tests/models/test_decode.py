@@ -52,13 +52,21 @@ def decode(model, tokens, k):
   return jnp.concatenate(out, axis=1), cache
 
 
-@pytest.mark.parametrize("pattern, position_encoding, window, sinks", [
-    ("M-M-", "rope", None, 0), ("M*M-", "rope", None, 0), ("M*M-", "none", None, 0),
-    ("*-*-", "rope", 5, 2)])
-def test_prefill_then_steps_match_forward(rng, pattern, position_encoding, window, sinks):
+@pytest.mark.parametrize("pattern, position_encoding, window, sinks, bias", [
+    ("M-M-", "rope", None, 0, "none"), ("M*M-", "rope", None, 0, "none"),
+    ("M*M-", "none", None, 0, "none"), ("*-*-", "rope", 5, 2, "none"),
+    ("*-*-", "rope", None, 0, "qkvo")])
+def test_prefill_then_steps_match_forward(rng, pattern, position_encoding, window, sinks, bias):
   cfg = dataclasses.replace(CFG, pattern=pattern, attention=dataclasses.replace(
-      CFG.attention, position_encoding=position_encoding, window=window, sinks=sinks))
+      CFG.attention, position_encoding=position_encoding, window=window, sinks=sinks,
+      bias=bias))
   model = LM(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  if bias != "none":  # zero at init: make them matter
+    for block in model.blocks:
+      for name in ("q_bias", "k_bias", "v_bias", "o_bias"):
+        param = getattr(block.mixer, name, None)
+        if param is not None:
+          param[...] = jnp.asarray(rng.normal(0, 0.5, param.shape), jnp.float32)
   tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, SEQ)), jnp.int32)
   want = forward(model, tokens)
   assert want.dtype == jnp.float32

@@ -1,0 +1,65 @@
+"""The architectures the converter knows, by Hugging Face class name.
+
+An architecture is three functions: config.json -> `ModelConfig` (ConvertError on a field it
+cannot express), the inverse, and the `Piece` of every lcjax parameter. Adding one is a module
+with those and a line in `ARCHITECTURES`.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+from lcjax.convert.pieces import Piece
+from lcjax.errors import ConvertError
+from lcjax.models.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  hf_class: str  # config.json "architectures"[0], e.g. "LlamaForCausalLM"
+  model_config: Callable[[dict], ModelConfig]
+  # ModelConfig -> config.json (a dict); ConvertError when the HF class cannot express it.
+  hf_config: Callable[[ModelConfig], dict]
+  # ModelConfig -> {lcjax parameter path ("blocks/0/mixer/q", `param_path`): Piece}.
+  pieces: Callable[[ModelConfig], dict[str, Piece]]
+
+
+def _registry() -> dict[str, Architecture]:
+  from lcjax.convert import llama, mamba2, nemotron_h  # they import this module's neighbours
+  archs = [*llama.ARCHITECTURES, mamba2.ARCHITECTURE, nemotron_h.ARCHITECTURE]
+  return {a.hf_class: a for a in archs}
+
+
+def for_hf(config: dict) -> Architecture:
+  """The architecture of a config.json; ConvertError naming it when unsupported."""
+  registry = _registry()
+  names = config.get("architectures") or []
+  for name in names:
+    if name in registry:
+      return registry[name]
+  raise ConvertError(f"config.json architectures={names}: lcjax converts {sorted(registry)}; "
+                     f"nothing was written.")
+
+
+def for_model(cfg: ModelConfig, hf_class: str | None = None) -> Architecture:
+  """The named architecture, or the first that can express `cfg`; ConvertError listing why
+  each cannot."""
+  registry = _registry()
+  if hf_class is not None:
+    if hf_class not in registry:
+      raise ConvertError(f"Unknown architecture {hf_class!r}: lcjax exports {sorted(registry)}.")
+    registry[hf_class].hf_config(cfg)  # raises with the reason when it cannot
+    return registry[hf_class]
+  reasons = []
+  for arch in registry.values():
+    try:
+      arch.hf_config(cfg)
+      return arch
+    except ConvertError as e:
+      reasons.append(f"{arch.hf_class}: {e}")
+  raise ConvertError("No Hugging Face architecture can express this model; nothing was "
+                     "written.\n  " + "\n  ".join(reasons))
+
+
+def param_path(path: tuple) -> str:
+  """An nnx state path ('blocks', 0, 'mixer', 'q') as "blocks/0/mixer/q"."""
+  return "/".join(str(k) for k in path)
