@@ -273,7 +273,8 @@ class Attention(nnx.Module):
 
     segment_ids `[batch, k]`: None for all ones, else left padding (0) then the prompt (1);
     positions `[batch, k]` default to 0..k-1 (with padding: 0 at the first real token).
-    Dynamic NTK and LongRoPE use the length k (transformers: the longest prompt).
+    Dynamic NTK and LongRoPE use the longest prompt's length (transformers: the largest
+    position + 1), not the padded k.
     With max_distance the prompt runs token by token through the decoding step, at the
     positions slot - start (the defaults).
     """
@@ -288,7 +289,7 @@ class Attention(nnx.Module):
       return self._prefill_by_steps(x, cache._replace(start=start))
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-    q, k, v = self._qkv(x, positions, seq)
+    q, k, v = self._qkv(x, positions, seq - jnp.min(start))
     y = self._out(LOCAL.attention(q, k, v, segment_ids, positions, mask=self.mask,
                                   **self.kernel))
     update = lambda buf, new: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype),
@@ -302,10 +303,10 @@ class Attention(nnx.Module):
     Fails (ValueError; under jit, when the step runs) once cache.index reaches max_len.
     """
     _check_room(cache.index, cache.k.shape[1])
-    return self._step(x, cache, cache.index + 1)
+    return self._step(x, cache, cache.index + 1 - jnp.min(cache.start))
 
   def _step(self, x: jax.Array, cache: KVCache, seq_len) -> tuple[jax.Array, KVCache]:
-    """`step` with RoPE at the current length seq_len.
+    """`step` with RoPE at the current length seq_len (the longest row's tokens so far).
 
     The cache holds keys rotated when they were written, and a new token's q and k rotate at
     the length seen so far (dynamic NTK, LongRoPE): what transformers' generate does, since
@@ -332,8 +333,8 @@ class Attention(nnx.Module):
 
   def _prefill_by_steps(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """Prefill as `x.shape[1]` decoding steps (slot t at position t - start), RoPE at the
-    prompt length; for what the full-row kernels do not do (max_distance)."""
-    seq = x.shape[1]
+    longest prompt's length; for what the full-row kernels do not do (max_distance)."""
+    seq = x.shape[1] - jnp.min(cache.start)
 
     def body(cache, x_t):
       y, cache = self._step(x_t, cache, seq)

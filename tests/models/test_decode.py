@@ -206,3 +206,30 @@ def test_greedy_decoding_with_rope_scaling_matches_forward(rng, scaling, partial
   want = forward(model, tokens)[:, prompt - 1:]
   assert_close(jnp.stack(got, axis=1), want, F32, scaling["rope_type"])
   np.testing.assert_array_equal(jnp.argmax(jnp.stack(got, axis=1), -1), jnp.argmax(want, -1))
+
+
+@pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
+def test_bucket_padding_does_not_change_length_dependent_rope(rng, rope_type):
+  """Dynamic NTK and LongRoPE read the length, as transformers does: the largest real position
+  + 1, never the padded bucket. Prompts of 6 tokens left-padded to 11 decode as unpadded."""
+  half = CFG.attention.head_dim // 2
+  scaling = {"dynamic": {"rope_type": "dynamic", "factor": 2.0,
+                         "original_max_position_embeddings": 4},
+             "longrope": {"rope_type": "longrope", "factor": 4.0,
+                          "original_max_position_embeddings": 7,
+                          "short_factor": [1.0] * half,
+                          "long_factor": [1.0 + i for i in range(half)]}}[rope_type]
+  cfg = dataclasses.replace(CFG, pattern="*-*-", attention=dataclasses.replace(
+      CFG.attention, rope_scaling=scaling))
+  model = LM(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+  k, pad = 6, 5
+  want, _ = decode(model, tokens, k)
+  padded = jnp.concatenate([jnp.zeros((2, pad), jnp.int32), tokens[:, :k]], axis=1)
+  lengths = jnp.full((2,), k, jnp.int32)
+  logits, cache = prefill(model, padded, pad + tokens.shape[1], lengths)
+  got = [logits[:, pad:]]
+  for t in range(k, tokens.shape[1]):
+    step_logits, cache = decode_step(model, tokens[:, t], cache)
+    got.append(step_logits[:, None])
+  assert_close(jnp.concatenate(got, axis=1), want, F32, rope_type)
