@@ -1,0 +1,116 @@
+"""What the Mamba-2 and NemotronH converter tests share: a transformers model with every
+parameter away from its init, its tensors imported into lcjax, and both models' logits and
+greedy continuations.
+
+HF_HUB_OFFLINE keeps transformers on its pure-torch Mamba-2 path (mamba_ssm is not installed
+and no hub kernel is requested).
+"""
+
+import dataclasses
+import json
+import os
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax.numpy as jnp  # noqa: E402  (after the environment is set)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from lcjax.convert.params import check_pieces, from_hf  # noqa: E402
+from lcjax.train.state import model_skeleton  # noqa: E402
+
+torch.set_num_threads(1)
+
+SEQ = 37  # not a multiple of the SSD chunk (16)
+PROMPT, NEW = 21, 16
+
+
+def perturb(model: torch.nn.Module, rng: np.random.Generator) -> None:
+  """Every parameter that init leaves at a constant (A_log, D, dt_bias, norm weights, conv
+  biases) drawn at random. dt_bias ~ N(-1.5, 1.5) puts softplus(dt) on both sides of the
+  tests' dt clamps."""
+  draws = {"A_log": lambda n: np.log(rng.uniform(1, 16, n)), "D": lambda n: rng.normal(1, .5, n),
+           "dt_bias": lambda n: rng.normal(-1.5, 1.5, n),
+           "norm.weight": lambda n: rng.uniform(.5, 1.5, n),
+           "norm_f.weight": lambda n: rng.uniform(.5, 1.5, n),
+           "conv1d.bias": lambda n: rng.normal(0, .3, n)}
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      for suffix, draw in draws.items():
+        if name.endswith(suffix):
+          param.copy_(torch.as_tensor(draw(param.numel()).reshape(param.shape)))
+
+
+def saved_config(model) -> dict:
+  """config.json as save_pretrained writes it."""
+  with tempfile.TemporaryDirectory() as d:
+    model.config.save_pretrained(d)
+    with open(os.path.join(d, "config.json")) as f:
+      return json.load(f)
+
+
+def state_dict(model) -> dict[str, np.ndarray]:
+  return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def import_model(arch, config: dict, tensors: dict[str, np.ndarray]):
+  """(cfg, pieces, params, lcjax model) of an HF checkpoint, in float32."""
+  cfg = dataclasses.replace(arch.model_config(config), dtype="float32")
+  pieces = arch.pieces(cfg)
+  check_pieces(cfg, pieces, arch.hf_class)
+
+  def read(name, rows):
+    return tensors[name] if rows is None else tensors[name][rows[0]:rows[1]]
+
+  params = from_hf(cfg, pieces, read)
+  graphdef, _ = model_skeleton(cfg)
+  return cfg, pieces, params, nnx.merge(graphdef, nnx.State(params))
+
+
+@nnx.jit
+def _forward(model, tokens):
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  return model(tokens, jnp.ones_like(tokens), positions)
+
+
+def lcjax_logits(model, tokens: np.ndarray) -> np.ndarray:
+  return np.asarray(_forward(model, jnp.asarray(tokens, jnp.int32)))
+
+
+def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    return model(torch.as_tensor(tokens), use_cache=False).logits.numpy()
+
+
+@nnx.jit(static_argnums=2)
+def _prefill(model, tokens, max_len):
+  return model.prefill(tokens, model.init_cache(tokens.shape[0], max_len))
+
+
+@nnx.jit
+def _step(model, token, cache):
+  return model.decode_step(token, cache)
+
+
+def lcjax_greedy(model, prompt: np.ndarray, new: int) -> np.ndarray:
+  """`[batch, new]` greedy tokens after `prompt` through prefill and decode steps."""
+  logits, cache = _prefill(model, jnp.asarray(prompt, jnp.int32), prompt.shape[1] + new)
+  token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+  out = [token]
+  for _ in range(new - 1):
+    logits, cache = _step(model, token, cache)
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    out.append(token)
+  return np.stack([np.asarray(t) for t in out], axis=1)
+
+
+def hf_greedy(model, prompt: np.ndarray, new: int, **kwargs) -> np.ndarray:
+  """transformers' greedy `generate` continuation (no end-of-sequence stop)."""
+  model.generation_config.eos_token_id = None
+  model.generation_config.pad_token_id = 0
+  with torch.no_grad():
+    out = model.generate(torch.as_tensor(prompt), attention_mask=torch.ones(prompt.shape,
+                         dtype=torch.long), do_sample=False, max_new_tokens=new, **kwargs)
+  return out[:, prompt.shape[1]:].numpy()

@@ -1,0 +1,110 @@
+"""Mamba2ForCausalLM: transformers' model and the imported lcjax one agree in logits and greedy
+decoding; tensors and config.json round-trip; what lcjax cannot express is refused."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+from lcjax.convert import mamba2  # noqa: E402
+from lcjax.convert.params import to_hf  # noqa: E402
+from lcjax.errors import ConvertError  # noqa: E402
+from tests.convert import mamba_parity as mp  # noqa: E402
+from tests.numerics import assert_close  # noqa: E402
+
+ARCH = mamba2.ARCHITECTURE
+# Every value away from transformers' default; the dt clamp cuts both ends of the perturbed dt.
+HF_CONFIG = dict(
+    vocab_size=256, hidden_size=64, num_hidden_layers=3, num_heads=8, head_dim=16, expand=2,
+    state_size=16, n_groups=2, chunk_size=16, conv_kernel=3, layer_norm_epsilon=3e-5,
+    time_step_limit=(0.05, 0.5), time_step_min=0.002, time_step_max=0.2, time_step_floor=2e-4,
+    initializer_range=0.05)
+
+
+@pytest.fixture(scope="module")
+def pair():
+  rng = np.random.default_rng(0)
+  torch = mp.torch
+  torch.manual_seed(0)
+  hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**HF_CONFIG)).eval()
+  mp.perturb(hf, rng)
+  tensors = mp.state_dict(hf)
+  config = mp.saved_config(hf)
+  return hf, config, tensors, mp.import_model(ARCH, config, tensors)
+
+
+def test_logits_match_transformers(pair):
+  hf, _, _, (cfg, _, params, model) = pair
+  tokens = np.random.default_rng(1).integers(0, 256, (2, mp.SEQ))
+  want = mp.hf_logits(hf, tokens)
+  assert_close(mp.lcjax_logits(model, tokens), want, 1e-4, "logits")
+  # The clamp is live: without it the logits differ (so the test can see a dropped dt_limit).
+  unclamped = dataclasses.replace(cfg, mamba=dataclasses.replace(cfg.mamba, dt_limit=(0.0, 1e9)))
+  _, _, _, loose = mp.import_model(_Fixed(unclamped), {}, pair[2])
+  with pytest.raises(AssertionError):
+    assert_close(mp.lcjax_logits(loose, tokens), want, 1e-3, "unclamped")
+
+
+class _Fixed:
+  """ARCH with a given ModelConfig, to import the same tensors into a changed model."""
+  hf_class = mamba2.HF_CLASS
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+
+  def model_config(self, config):
+    return self.cfg
+
+  def pieces(self, cfg):
+    return ARCH.pieces(cfg)
+
+
+def test_tensors_round_trip_exactly(pair):
+  _, _, tensors, (_, pieces, params, _) = pair
+  back = dict(to_hf(pieces, params))
+  assert set(back) == set(tensors)
+  for name, value in back.items():
+    np.testing.assert_array_equal(value, tensors[name], err_msg=name)
+
+
+def test_greedy_decoding_matches_generate(pair):
+  hf, _, _, (_, _, _, model) = pair
+  prompt = np.random.default_rng(2).integers(0, 256, (2, mp.PROMPT))
+  # transformers' cached Mamba-2 step (`mamba2_selective_state_update`) skips time_step_limit,
+  # which its chunked forward applies; without the cache every token runs the full forward.
+  want = mp.hf_greedy(hf, prompt, mp.NEW, use_cache=False)
+  np.testing.assert_array_equal(mp.lcjax_greedy(model, prompt, mp.NEW), want)
+
+
+def test_config_round_trips(pair):
+  _, config, _, (cfg, _, _, _) = pair
+  imported = ARCH.model_config(config)
+  assert imported.mamba.dt_limit == (0.05, 0.5) and imported.norm_eps == 3e-5
+  assert imported.mamba.d_conv == 3 and imported.pattern == "MMM"
+  assert not imported.tie_embeddings
+  for c in (imported, dataclasses.replace(imported, tie_embeddings=True)):
+    written = json.loads(json.dumps(ARCH.hf_config(c)))
+    assert ARCH.model_config(written) == c
+    transformers.Mamba2Config(**written)  # transformers accepts what lcjax writes
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"use_bias": True}, "use_bias"),
+    ({"num_heads": 4}, "4 x 16 = 64"),
+    ({"use_conv_bias": False}, "use_conv_bias"),
+    ({"hidden_act": "gelu"}, "gelu"),
+    ({"norm_before_gate": True}, "norm_before_gate"),
+    ({"d_mlp": 64}, "d_mlp"),
+])
+def test_refuses_what_lcjax_cannot_import(pair, change, match):
+  with pytest.raises(ConvertError, match=match):
+    ARCH.model_config({**pair[1], **change})
+
+
+def test_refuses_hybrids_on_export(pair):
+  cfg = pair[3][0]
+  with pytest.raises(ConvertError, match="NemotronH"):
+    ARCH.hf_config(dataclasses.replace(cfg, pattern="M-M"))
