@@ -1,0 +1,288 @@
+"""Llama, Mistral and Qwen2 against transformers: logits and greedy generation after import,
+tensors back byte for byte, config.json both ways, refusals."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lcjax.convert import llama
+from lcjax.convert.params import check_pieces, from_hf, to_hf
+from lcjax.errors import ConvertError
+from lcjax.models.attention import AttentionConfig
+from lcjax.models.config import ModelConfig
+from lcjax.models.mlp import MLPConfig
+from lcjax.train.state import model_skeleton
+from tests.numerics import assert_close
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+torch.set_num_threads(1)
+
+ARCH = {a.hf_class: a for a in llama.ARCHITECTURES}
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+               "Qwen2ForCausalLM": "qwen2"}
+# transformers float32 against lcjax float32: the same math in another order, with RoPE's
+# inverse frequencies in float32 there and float64 here (seen: <= 3e-6).
+PARITY = 1e-4
+SEQ, PROMPT, NEW = 37, 11, 16
+BASE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=256, intermediate_size=96, rms_norm_eps=1e-5, initializer_range=0.05,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None)
+# rotary dim 16: 8 pairs. Original lengths below SEQ (and below PROMPT + NEW where the scaling
+# reads the current length), so dynamic and longrope run their long-context branch.
+ROPES = {
+    "none": ({"rope_type": "default", "rope_theta": 5000.0}, {}),
+    "linear": ({"rope_type": "linear", "factor": 3.0, "rope_theta": 5000.0}, {}),
+    "dynamic": ({"rope_type": "dynamic", "factor": 2.5, "rope_theta": 5000.0},
+                {"max_position_embeddings": 16}),
+    "yarn": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
+              "rope_theta": 5000.0}, {"max_position_embeddings": 1024}),
+    "llama3": ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+                "rope_theta": 5000.0}, {}),
+    # no factor: transformers derives it from max_position_embeddings / original (4)
+    "longrope": ({"rope_type": "longrope", "original_max_position_embeddings": 16,
+                  "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+                  "long_factor": [1.0, 1.5, 2.2, 3.0, 4.5, 6.0, 8.0, 11.0],
+                  "rope_theta": 5000.0}, {"max_position_embeddings": 64}),
+}
+# (case id, class, its config fields, rope, generate too)
+CASES = [
+    ("llama", "LlamaForCausalLM", {}, "none", True),
+    ("llama-tied", "LlamaForCausalLM", {"tie_word_embeddings": True}, "linear", False),
+    ("mistral-window", "MistralForCausalLM", {"sliding_window": 8}, "dynamic", True),
+    ("qwen2", "Qwen2ForCausalLM", {"hidden_act": "gelu_pytorch_tanh"}, "longrope", True),
+    ("llama-bias", "LlamaForCausalLM", {"attention_bias": True}, "llama3", False),
+    ("llama-yarn", "LlamaForCausalLM", {}, "yarn", True),
+]
+
+
+def hf_model(hf_class: str, fields: dict, rope: str, seed: int):
+  """A transformers model with every parameter random (norm weights around 1, biases too)."""
+  rope_parameters, rope_fields = ROPES[rope]
+  kwargs = {**BASE, **fields, **rope_fields, "rope_parameters": dict(rope_parameters)}
+  config = transformers.AutoConfig.for_model(MODEL_TYPES[hf_class], **kwargs)
+  torch.manual_seed(seed)
+  model = getattr(transformers, hf_class)(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight"):
+        p.copy_(1 + 0.3 * torch.randn_like(p))
+      elif name.endswith("bias"):
+        p.copy_(0.3 * torch.randn_like(p))
+  return model
+
+
+def saved_config(model, tmp_path) -> dict:
+  """config.json as transformers' save_pretrained writes it."""
+  model.config.save_pretrained(tmp_path)
+  return json.loads((tmp_path / "config.json").read_text())
+
+
+def state_dict(model) -> dict[str, np.ndarray]:
+  return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def import_params(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict:
+  def read(name, rows):
+    return tensors[name] if rows is None else tensors[name][rows[0]:rows[1]]
+
+  return from_hf(cfg, llama.pieces(cfg), read)
+
+
+def lcjax_model(cfg: ModelConfig, params: dict):
+  graphdef, abstract = model_skeleton(cfg)
+  nnx.replace_by_pure_dict(abstract, params)
+  return nnx.merge(graphdef, abstract)
+
+
+@nnx.jit
+def forward(model, tokens):
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  return model(tokens, jnp.ones_like(tokens), positions)
+
+
+@nnx.jit(static_argnums=2)
+def prefill(model, tokens, max_len):
+  return model.prefill(tokens, model.init_cache(tokens.shape[0], max_len))
+
+
+@nnx.jit
+def decode_step(model, token, cache):
+  return model.decode_step(token, cache)
+
+
+def lcjax_greedy(model, prompt: jax.Array, new: int) -> np.ndarray:
+  """`[batch, new]` greedy tokens after prompt `[batch, k]`: prefill, then decode steps."""
+  logits, cache = prefill(model, prompt, prompt.shape[1] + new)
+  token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+  out = [token]
+  for _ in range(new - 1):
+    logits, cache = decode_step(model, token, cache)
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    out.append(token)
+  return np.stack([np.asarray(t) for t in out], axis=1)
+
+
+@pytest.mark.parametrize("case, hf_class, fields, rope, generate", CASES,
+                         ids=[c[0] for c in CASES])
+def test_import_matches_transformers(tmp_path, rng, case, hf_class, fields, rope, generate):
+  seed = int(rng.integers(1 << 30))
+  hf = hf_model(hf_class, fields, rope, seed)
+  arch = ARCH[hf_class]
+  cfg = dataclasses.replace(arch.model_config(saved_config(hf, tmp_path)), dtype="float32")
+  pieces = llama.pieces(cfg)
+  check_pieces(cfg, pieces, hf_class)
+  tensors = state_dict(hf)
+  params = import_params(cfg, tensors)
+  model = lcjax_model(cfg, params)
+
+  tokens = rng.integers(0, cfg.vocab_size, (2, SEQ))
+  with torch.no_grad():
+    want = hf(torch.as_tensor(tokens)).logits.numpy()
+  got = forward(model, jnp.asarray(tokens, jnp.int32))
+  assert_close(got, want, PARITY, f"{case}: logits")
+
+  exported = dict(to_hf(pieces, params))
+  expect = set(tensors) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+  assert set(exported) == expect
+  for name, value in exported.items():
+    assert value.dtype == np.float32 and value.tobytes() == tensors[name].tobytes(), name
+
+  if generate:  # prompt + new tokens cross the window and the original lengths
+    prompt = tokens[:, :PROMPT]
+    with torch.no_grad():
+      hf_out = hf.generate(torch.as_tensor(prompt), attention_mask=torch.ones_like(
+          torch.as_tensor(prompt)), do_sample=False, max_new_tokens=NEW)
+    np.testing.assert_array_equal(lcjax_greedy(model, jnp.asarray(prompt, jnp.int32), NEW),
+                                  hf_out[:, PROMPT:].numpy(), err_msg=case)
+
+
+@pytest.mark.parametrize("case, hf_class, fields, rope", [c[:4] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_export_loads_in_transformers(rng, case, hf_class, fields, rope):
+  """lcjax -> config.json + tensors -> transformers: the same model (logits) and the same
+  config (config.json -> ModelConfig is exact)."""
+  hf = hf_model(hf_class, fields, rope, int(rng.integers(1 << 30)))
+  arch = ARCH[hf_class]
+  cfg = arch.model_config(json.loads(hf.config.to_json_string()))
+  config_json = arch.hf_config(cfg)
+  assert arch.model_config(config_json) == cfg
+  config = transformers.AutoConfig.for_model(**config_json)
+  assert config.architectures == [hf_class]
+  params = import_params(cfg, state_dict(hf))
+  back = getattr(transformers, hf_class)(config).eval()
+  missing, unexpected = back.load_state_dict(
+      {k: torch.from_numpy(v) for k, v in to_hf(llama.pieces(cfg), params)}, strict=False)
+  assert not unexpected and set(missing) <= ({"lm_head.weight"} if cfg.tie_embeddings else set())
+  tokens = torch.as_tensor(rng.integers(0, cfg.vocab_size, (1, SEQ)))
+  with torch.no_grad():
+    assert_close(back(tokens).logits.numpy(), hf(tokens).logits.numpy(), PARITY, case)
+
+
+ROUND_TRIPS = [
+    ModelConfig(vocab_size=300, d_model=96, pattern="*-" * 3, tie_embeddings=False,
+                norm_eps=1e-5, init_std=0.03,
+                attention=AttentionConfig(num_heads=6, num_kv_heads=3, head_dim=32,
+                                          rope_theta=123.0, window=7),
+                mlp=MLPConfig(hidden_dim=100, activation="gelu")),
+    ModelConfig(pattern="*-", attention=AttentionConfig(bias="qkv", rope_scaling={
+        "rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 100})),
+    ModelConfig(pattern="*-*-", attention=AttentionConfig(bias="qkvo", rope_scaling={
+        "rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 64,
+        "beta_fast": 16, "truncate": False, "mscale": 1.0, "mscale_all_dim": 0.5})),
+    ModelConfig(pattern="*-", attention=AttentionConfig(head_dim=8, rope_scaling={
+        "rope_type": "longrope", "attention_factor": 1.2, "original_max_position_embeddings": 8,
+        "short_factor": [1.0, 2.0, 2.5, 3.0], "long_factor": [3.0, 4.0, 5.0, 6.5]})),
+]
+
+
+@pytest.mark.parametrize("cfg, first", zip(ROUND_TRIPS, ["MistralForCausalLM",
+    "Qwen2ForCausalLM", "LlamaForCausalLM", "LlamaForCausalLM"]),
+                         ids=["mistral", "qwen2", "llama", "longrope"])
+def test_config_round_trip(cfg, first):
+  """ModelConfig -> config.json (through JSON) -> ModelConfig is exact through every class
+  that expresses the model; the first of them (the exporter's choice) is the expected one.
+  A model without window and biases is also a Mistral (sliding_window null)."""
+  fits = []
+  for arch in llama.ARCHITECTURES:
+    try:
+      config_json = json.loads(json.dumps(arch.hf_config(cfg)))
+    except ConvertError:
+      continue
+    fits.append(arch.hf_class)
+    assert arch.model_config(config_json) == cfg
+  assert fits and fits[0] == first, fits
+
+
+def test_reads_both_rope_forms():
+  """Older files: top-level rope_theta and rope_scaling (with "type"), which wins over
+  rope_parameters as in transformers; a missing original length is max_position_embeddings."""
+  base = {**BASE, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+  old = llama.ARCHITECTURES[0].model_config(
+      {**base, "rope_theta": 321, "max_position_embeddings": 50,
+       "rope_parameters": {"rope_type": "linear", "factor": 9.0},
+       "rope_scaling": {"type": "yarn", "factor": 2.0}})
+  assert old.attention.rope_theta == 321.0
+  assert old.attention.rope_scaling == {"rope_type": "yarn", "factor": 2.0,
+                                        "original_max_position_embeddings": 50}
+  for legacy in (True, False):
+    rope = {"type" if legacy else "rope_type": "dynamic", "factor": 2.0, "rope_theta": 7.0}
+    key = "rope_scaling" if legacy else "rope_parameters"
+    cfg = llama.ARCHITECTURES[0].model_config({**base, key: rope,
+                                               "max_position_embeddings": 40})
+    assert cfg.attention.rope_theta == 7.0
+    assert cfg.attention.rope_scaling == {"rope_type": "dynamic", "factor": 2.0,
+                                          "original_max_position_embeddings": 40}
+
+
+
+
+@pytest.mark.parametrize("hf_class, fields, message", [
+    ("LlamaForCausalLM", {"rope_parameters": {"rope_type": "proportional", "rope_theta": 1.0}},
+     "'proportional'"),
+    ("LlamaForCausalLM", {"rope_scaling": {"type": "su", "factor": 2.0}}, "'su'"),
+    ("LlamaForCausalLM", {"mlp_bias": True}, "mlp_bias=True"),
+    ("LlamaForCausalLM", {"qk_layernorm": True}, "qk_layernorm"),
+    ("LlamaForCausalLM", {"hidden_act": "gelu_new"}, "gelu_new"),
+    ("LlamaForCausalLM", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ("LlamaForCausalLM", {"rope_parameters": {"rope_type": "linear", "factor": 2.0,
+                                              "rope_theta": 1e4, "low_freq_factor": 1.0}},
+     "low_freq_factor"),
+    ("MistralForCausalLM", {"attention_bias": True}, "attention_bias"),
+    ("Qwen2ForCausalLM", {"use_sliding_window": True}, "use_sliding_window=True"),
+    ("Qwen2ForCausalLM", {"layer_types": ["full_attention", "sliding_attention"]},
+     "layer_types"),
+    ("LlamaForCausalLM", {"num_hidden_layers": None}, "num_hidden_layers"),  # None: absent
+])
+def test_import_refuses(hf_class, fields, message):
+  config = {**BASE, "architectures": [hf_class], "model_type": MODEL_TYPES[hf_class], **fields}
+  config = {k: v for k, v in config.items() if v is not None or k not in fields}
+  with pytest.raises(ConvertError, match=message):
+    ARCH[hf_class].model_config(config)
+
+
+@pytest.mark.parametrize("hf_class, cfg, message", [
+    ("LlamaForCausalLM", ModelConfig(pattern="*-M-"), "pattern"),
+    ("LlamaForCausalLM", ModelConfig(pattern="*-*"), "pattern"),
+    ("LlamaForCausalLM", ModelConfig(pattern="*-", mlp=MLPConfig(gated=False)), "ungated"),
+    ("LlamaForCausalLM", ModelConfig(pattern="*-", attention=AttentionConfig(
+        position_encoding="none")), "without RoPE"),
+    ("MistralForCausalLM", ModelConfig(pattern="*-", attention=AttentionConfig(
+        window=4, sinks=1)), "sinks"),
+    ("LlamaForCausalLM", ModelConfig(pattern="*-", attention=AttentionConfig(window=4)),
+     "MistralForCausalLM"),
+    ("LlamaForCausalLM", ModelConfig(pattern="*-", attention=AttentionConfig(bias="qkv")),
+     "Qwen2ForCausalLM"),
+    ("Qwen2ForCausalLM", ModelConfig(pattern="*-"), "bias='none'"),
+    ("LlamaForCausalLM", ModelConfig(pattern="*-", attention=AttentionConfig(
+        partial_rotary_factor=0.5)), "partial_rotary_factor"),
+])
+def test_export_refuses(hf_class, cfg, message):
+  with pytest.raises(ConvertError, match=message):
+    ARCH[hf_class].hf_config(cfg)
