@@ -183,6 +183,7 @@ def _restore_or_init(run: Run, setup: Setup, ckpt: Checkpointer,
   """(state, step, (stage index, data state) or None): the newest checkpoint's, else one from
   TrainConfig.init_from, else fresh. This run's own checkpoint takes precedence over init_from:
   once a run initialised from another has saved, running it again resumes it."""
+  _refuse_imported(ckpt)
   restored = ckpt.restore_latest(setup.abstract_state(), config,
                                  fallback=run.train.on_corrupt_checkpoint == "fallback")
   if restored is None:
@@ -201,6 +202,18 @@ def _restore_or_init(run: Run, setup: Setup, ckpt: Checkpointer,
           "checkpoints of its own, and resuming them takes precedence.")
   print(f"Resumed from {ckpt.directory}/{start}")
   return state, start, (record.get("stage", 0), data_state)
+
+
+def _refuse_imported(ckpt: Checkpointer) -> None:
+  """A workdir written by `lcjax.convert import` holds params only: nothing to resume."""
+  latest = ckpt.latest_step()
+  record = (ckpt.record_of(latest) or {}) if latest is not None else {}
+  if record.get("params_only"):
+    raise ConfigError(
+        f"{ckpt.workdir} holds a checkpoint imported by lcjax.convert from "
+        f"{record.get('imported_from')} (parameters only: no optimizer state or data position "
+        f"to resume); nothing was changed. Train in a new --workdir with TrainConfig.init_from "
+        f"= {ckpt.workdir!r} (its model.gin sets it).")
 
 
 def _check_same_length(ckpt: Checkpointer, step: int, config: str) -> None:
