@@ -55,9 +55,23 @@ def state_dict(model) -> dict[str, np.ndarray]:
   return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
+def build(arch, model_class, config_class, hf_config: dict, seed: int = 0):
+  """(transformers model (eval, perturbed), its config.json, its tensors, `import_model`)."""
+  torch.manual_seed(seed)
+  hf = model_class(config_class(**hf_config)).eval()
+  perturb(hf, np.random.default_rng(seed))
+  config, tensors = saved_config(hf), state_dict(hf)
+  return hf, config, tensors, import_model(arch, config, tensors)
+
+
 def import_model(arch, config: dict, tensors: dict[str, np.ndarray]):
   """(cfg, pieces, params, lcjax model) of an HF checkpoint, in float32."""
-  cfg = dataclasses.replace(arch.model_config(config), dtype="float32")
+  return import_as(arch, dataclasses.replace(arch.model_config(config), dtype="float32"),
+                   tensors)
+
+
+def import_as(arch, cfg, tensors: dict[str, np.ndarray]):
+  """As `import_model`, into the model of `cfg` whatever the config.json says."""
   pieces = arch.pieces(cfg)
   check_pieces(cfg, pieces, arch.hf_class)
 
@@ -67,6 +81,15 @@ def import_model(arch, config: dict, tensors: dict[str, np.ndarray]):
   params = from_hf(cfg, pieces, read)
   graphdef, _ = model_skeleton(cfg)
   return cfg, pieces, params, nnx.merge(graphdef, nnx.State(params))
+
+
+def assert_clamp_matters(arch, cfg, tensors, tokens, want) -> None:
+  """The same tensors without the dt clamp give other logits than `want`: the model's clamp
+  cuts some dt, so a converter that dropped it would fail the parity test."""
+  mamba = dataclasses.replace(cfg.mamba, dt_limit=(0.0, float("inf")))
+  model = import_as(arch, dataclasses.replace(cfg, mamba=mamba), tensors)[3]
+  err = np.abs(lcjax_logits(model, tokens) - want).max() / np.abs(want).max()
+  assert err > 1e-3, f"dt clamp inactive (relative change {err:.2g})"
 
 
 @nnx.jit

@@ -13,7 +13,7 @@ from lcjax.convert import mamba2  # noqa: E402
 from lcjax.convert.params import to_hf  # noqa: E402
 from lcjax.errors import ConvertError  # noqa: E402
 from tests.convert import mamba_parity as mp  # noqa: E402
-from tests.numerics import assert_close  # noqa: E402
+from tests.numerics import F32, assert_close  # noqa: E402
 
 ARCH = mamba2.ARCHITECTURE
 # Every value away from transformers' default; the dt clamp cuts both ends of the perturbed dt.
@@ -24,42 +24,21 @@ HF_CONFIG = dict(
     initializer_range=0.05)
 
 
+def build(hf_config):
+  return mp.build(ARCH, transformers.Mamba2ForCausalLM, transformers.Mamba2Config, hf_config)
+
+
 @pytest.fixture(scope="module")
 def pair():
-  rng = np.random.default_rng(0)
-  torch = mp.torch
-  torch.manual_seed(0)
-  hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**HF_CONFIG)).eval()
-  mp.perturb(hf, rng)
-  tensors = mp.state_dict(hf)
-  config = mp.saved_config(hf)
-  return hf, config, tensors, mp.import_model(ARCH, config, tensors)
+  return build(HF_CONFIG)
 
 
 def test_logits_match_transformers(pair):
-  hf, _, _, (cfg, _, params, model) = pair
+  hf, _, tensors, (cfg, _, _, model) = pair
   tokens = np.random.default_rng(1).integers(0, 256, (2, mp.SEQ))
   want = mp.hf_logits(hf, tokens)
-  assert_close(mp.lcjax_logits(model, tokens), want, 1e-4, "logits")
-  # The clamp is live: without it the logits differ (so the test can see a dropped dt_limit).
-  unclamped = dataclasses.replace(cfg, mamba=dataclasses.replace(cfg.mamba, dt_limit=(0.0, 1e9)))
-  _, _, _, loose = mp.import_model(_Fixed(unclamped), {}, pair[2])
-  with pytest.raises(AssertionError):
-    assert_close(mp.lcjax_logits(loose, tokens), want, 1e-3, "unclamped")
-
-
-class _Fixed:
-  """ARCH with a given ModelConfig, to import the same tensors into a changed model."""
-  hf_class = mamba2.HF_CLASS
-
-  def __init__(self, cfg):
-    self.cfg = cfg
-
-  def model_config(self, config):
-    return self.cfg
-
-  def pieces(self, cfg):
-    return ARCH.pieces(cfg)
+  assert_close(mp.lcjax_logits(model, tokens), want, F32, "logits")
+  mp.assert_clamp_matters(ARCH, cfg, tensors, tokens, want)
 
 
 def test_tensors_round_trip_exactly(pair):
@@ -70,12 +49,17 @@ def test_tensors_round_trip_exactly(pair):
     np.testing.assert_array_equal(value, tensors[name], err_msg=name)
 
 
-def test_greedy_decoding_matches_generate(pair):
-  hf, _, _, (_, _, _, model) = pair
+@pytest.mark.parametrize("clamp", [True, False])
+def test_greedy_decoding_matches_generate(pair, clamp):
+  """transformers' cached Mamba-2 step (`mamba2_selective_state_update`) skips time_step_limit,
+  which its chunked forward applies: with a clamp, its reference is generate without the cache
+  (every token through the full forward); without one, the cached generate."""
+  if clamp:
+    hf, _, _, (_, _, _, model) = pair
+  else:
+    hf, _, _, (_, _, _, model) = build({**HF_CONFIG, "time_step_limit": (0.0, float("inf"))})
   prompt = np.random.default_rng(2).integers(0, 256, (2, mp.PROMPT))
-  # transformers' cached Mamba-2 step (`mamba2_selective_state_update`) skips time_step_limit,
-  # which its chunked forward applies; without the cache every token runs the full forward.
-  want = mp.hf_greedy(hf, prompt, mp.NEW, use_cache=False)
+  want = mp.hf_greedy(hf, prompt, mp.NEW, use_cache=not clamp)
   np.testing.assert_array_equal(mp.lcjax_greedy(model, prompt, mp.NEW), want)
 
 
