@@ -10,10 +10,8 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 from lcjax.convert import mamba2  # noqa: E402
-from lcjax.convert.params import to_hf  # noqa: E402
 from lcjax.errors import ConvertError  # noqa: E402
-from tests.convert import mamba_parity as mp  # noqa: E402
-from tests.numerics import F32, assert_close  # noqa: E402
+from tests.convert import hf_parity as hp  # noqa: E402
 
 ARCH = mamba2.ARCHITECTURE
 # Every value away from transformers' default; the dt clamp cuts both ends of the perturbed dt.
@@ -25,7 +23,7 @@ HF_CONFIG = dict(
 
 
 def build(hf_config):
-  return mp.build(ARCH, transformers.Mamba2ForCausalLM, transformers.Mamba2Config, hf_config)
+  return hp.build(ARCH, transformers.Mamba2ForCausalLM, transformers.Mamba2Config, hf_config)
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +32,11 @@ def pair():
 
 
 def test_logits_match_transformers(pair):
-  hf, _, tensors, (cfg, _, _, model) = pair
-  tokens = np.random.default_rng(1).integers(0, 256, (2, mp.SEQ))
-  want = mp.hf_logits(hf, tokens)
-  assert_close(mp.lcjax_logits(model, tokens), want, F32, "logits")
-  mp.assert_clamp_matters(ARCH, cfg, tensors, tokens, want)
+  hp.check_logits(ARCH, pair, np.random.default_rng(1).integers(0, 256, (2, hp.SEQ)))
 
 
 def test_tensors_round_trip_exactly(pair):
-  _, _, tensors, (_, pieces, params, _) = pair
-  back = dict(to_hf(pieces, params))
-  assert set(back) == set(tensors)
-  for name, value in back.items():
-    np.testing.assert_array_equal(value, tensors[name], err_msg=name)
+  hp.check_round_trip(pair)
 
 
 @pytest.mark.parametrize("clamp", [True, False])
@@ -54,17 +44,13 @@ def test_greedy_decoding_matches_generate(pair, clamp):
   """transformers' cached Mamba-2 step (`mamba2_selective_state_update`) skips time_step_limit,
   which its chunked forward applies: with a clamp, its reference is generate without the cache
   (every token through the full forward); without one, the cached generate."""
-  if clamp:
-    hf, _, _, (_, _, _, model) = pair
-  else:
-    hf, _, _, (_, _, _, model) = build({**HF_CONFIG, "time_step_limit": (0.0, float("inf"))})
-  prompt = np.random.default_rng(2).integers(0, 256, (2, mp.PROMPT))
-  want = mp.hf_greedy(hf, prompt, mp.NEW, use_cache=not clamp)
-  np.testing.assert_array_equal(mp.lcjax_greedy(model, prompt, mp.NEW), want)
+  prompt = np.random.default_rng(2).integers(0, 256, (2, hp.PROMPT))
+  case = pair if clamp else build({**HF_CONFIG, "time_step_limit": (0.0, float("inf"))})
+  hp.check_greedy(case, prompt, use_cache=not clamp)
 
 
 def test_config_round_trips(pair):
-  _, config, _, (cfg, _, _, _) = pair
+  config = pair[1]
   imported = ARCH.model_config(config)
   assert imported.mamba.dt_limit == (0.05, 0.5) and imported.norm_eps == 3e-5
   assert imported.mamba.d_conv == 3 and imported.pattern == "MMM"

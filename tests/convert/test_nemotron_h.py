@@ -10,12 +10,10 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 from lcjax.convert import nemotron_h  # noqa: E402
-from lcjax.convert.params import to_hf  # noqa: E402
 from lcjax.errors import ConvertError  # noqa: E402
 from lcjax.models.attention import AttentionConfig  # noqa: E402
 from lcjax.models.mlp import MLPConfig  # noqa: E402
-from tests.convert import mamba_parity as mp  # noqa: E402
-from tests.numerics import F32, assert_close  # noqa: E402
+from tests.convert import hf_parity as hp  # noqa: E402
 
 ARCH = nemotron_h.ARCHITECTURE
 # Every value away from transformers' default; time_step_min (NemotronH's dt clamp) cuts the
@@ -31,7 +29,7 @@ HF_CONFIG = dict(
 
 
 def build(hf_config):
-  return mp.build(ARCH, transformers.NemotronHForCausalLM, transformers.NemotronHConfig,
+  return hp.build(ARCH, transformers.NemotronHForCausalLM, transformers.NemotronHConfig,
                   hf_config)
 
 
@@ -40,21 +38,15 @@ def pair():
   return build(HF_CONFIG)
 
 
+@pytest.mark.slow  # ~20 s: two lcjax models compile (with and without the dt clamp)
 def test_logits_match_transformers(pair):
-  hf, _, tensors, (cfg, _, _, model) = pair
-  assert cfg.pattern == "M*M-M*-" and cfg.mamba.dt_limit == (0.05, float("inf"))
-  tokens = np.random.default_rng(1).integers(0, 256, (2, mp.SEQ))
-  want = mp.hf_logits(hf, tokens)
-  assert_close(mp.lcjax_logits(model, tokens), want, F32, "logits")
-  mp.assert_clamp_matters(ARCH, cfg, tensors, tokens, want)
+  assert pair[3][0].pattern == "M*M-M*-"
+  assert pair[3][0].mamba.dt_limit == (0.05, float("inf"))
+  hp.check_logits(ARCH, pair, np.random.default_rng(1).integers(0, 256, (2, hp.SEQ)))
 
 
 def test_tensors_round_trip_exactly(pair):
-  _, _, tensors, (_, pieces, params, _) = pair
-  back = dict(to_hf(pieces, params))
-  assert set(back) == set(tensors)
-  for name, value in back.items():
-    np.testing.assert_array_equal(value, tensors[name], err_msg=name)
+  hp.check_round_trip(pair)
 
 
 @pytest.mark.parametrize("clamp", [True, False])
@@ -62,17 +54,13 @@ def test_greedy_decoding_matches_generate(pair, clamp):
   """As Mamba2's (tests/convert/test_mamba2.py): transformers' cached step skips the dt clamp,
   so a clamped model is checked against generate without the cache, an unclamped one (a
   time_step_min below every dt) against the cached generate."""
-  if clamp:
-    hf, _, _, (_, _, _, model) = pair
-  else:
-    hf, _, _, (_, _, _, model) = build({**HF_CONFIG, "time_step_min": 1e-7})
-  prompt = np.random.default_rng(2).integers(0, 256, (2, mp.PROMPT))
-  want = mp.hf_greedy(hf, prompt, mp.NEW, use_cache=not clamp)
-  np.testing.assert_array_equal(mp.lcjax_greedy(model, prompt, mp.NEW), want)
+  prompt = np.random.default_rng(2).integers(0, 256, (2, hp.PROMPT))
+  case = pair if clamp else build({**HF_CONFIG, "time_step_min": 1e-7})
+  hp.check_greedy(case, prompt, use_cache=not clamp)
 
 
 def test_config_round_trips(pair):
-  _, config, _, (cfg, _, _, _) = pair
+  config = pair[1]
   imported = ARCH.model_config(config)
   assert imported.mlp == MLPConfig(hidden_dim=96, activation="relu2", gated=False)
   assert imported.attention.position_encoding == "none" and imported.mamba.d_conv == 3

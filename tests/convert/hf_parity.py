@@ -1,6 +1,6 @@
-"""What the Mamba-2 and NemotronH converter tests share: a transformers model with every
-parameter away from its init, its tensors imported into lcjax, and both models' logits and
-greedy continuations.
+"""What the converter's parity tests share: a transformers model with every parameter away
+from its init (`perturb` knows Mamba-2's and the norms'), its tensors imported into lcjax, both
+models' logits and greedy continuations, and the checks on them.
 
 HF_HUB_OFFLINE keeps transformers on its pure-torch Mamba-2 path (mamba_ssm is not installed
 and no hub kernel is requested).
@@ -18,8 +18,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from lcjax.convert.params import check_pieces, from_hf  # noqa: E402
+from lcjax.convert.params import check_pieces, from_hf, to_hf  # noqa: E402
 from lcjax.train.state import model_skeleton  # noqa: E402
+from tests.numerics import F32, assert_close  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -81,6 +82,30 @@ def import_as(arch, cfg, tensors: dict[str, np.ndarray]):
   params = from_hf(cfg, pieces, read)
   graphdef, _ = model_skeleton(cfg)
   return cfg, pieces, params, nnx.merge(graphdef, nnx.State(params))
+
+
+def check_logits(arch, pair, tokens: np.ndarray) -> None:
+  """lcjax's logits are transformers' (F32), and the dt clamp is live (`assert_clamp_matters`)."""
+  hf, _, tensors, (cfg, _, _, model) = pair
+  want = hf_logits(hf, tokens)
+  assert_close(lcjax_logits(model, tokens), want, F32, "logits")
+  assert_clamp_matters(arch, cfg, tensors, tokens, want)
+
+
+def check_round_trip(pair) -> None:
+  """`to_hf` of the imported params gives back exactly the checkpoint's tensors."""
+  _, _, tensors, (_, pieces, params, _) = pair
+  back = dict(to_hf(pieces, params))
+  assert set(back) == set(tensors)
+  for name, value in back.items():
+    np.testing.assert_array_equal(value, tensors[name], err_msg=name)
+
+
+def check_greedy(pair, prompt: np.ndarray, *, use_cache: bool) -> None:
+  """lcjax's prefill + decode steps continue `prompt` as transformers' greedy generate."""
+  hf, _, _, (_, _, _, model) = pair
+  want = hf_greedy(hf, prompt, NEW, use_cache=use_cache)
+  np.testing.assert_array_equal(lcjax_greedy(model, prompt, NEW), want)
 
 
 def assert_clamp_matters(arch, cfg, tensors, tokens, want) -> None:
