@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from lcjax.convert.params import check_pieces, from_hf, to_hf  # noqa: E402
+from lcjax.convert.safetensors_io import write_checkpoint  # noqa: E402
 from lcjax.train.state import model_skeleton  # noqa: E402
 from tests.numerics import F32, assert_close  # noqa: E402
 
@@ -99,6 +100,18 @@ def check_round_trip(pair) -> None:
   assert set(back) == set(tensors)
   for name, value in back.items():
     np.testing.assert_array_equal(value, tensors[name], err_msg=name)
+
+
+def check_export_loads(arch, pair, model_class, tokens: np.ndarray) -> None:
+  """The imported model exported (`hf_config`, `to_hf`, safetensors) loads in transformers
+  with the original's logits."""
+  hf, _, _, (cfg, pieces, params, _) = pair
+  config = json.dumps(arch.hf_config(cfg))  # as the exporter writes it: inf as Infinity
+  with tempfile.TemporaryDirectory() as d:
+    out = os.path.join(d, "hf")
+    write_checkpoint(out, to_hf(pieces, params), {"config.json": config})
+    back = model_class.from_pretrained(out).eval()
+  assert_close(hf_logits(back, tokens), hf_logits(hf, tokens), F32, "exported logits")
 
 
 def check_greedy(pair, prompt: np.ndarray, *, use_cache: bool) -> None:

@@ -39,6 +39,11 @@ def test_tensors_round_trip_exactly(pair):
   hp.check_round_trip(pair)
 
 
+def test_export_loads_in_transformers(pair):
+  tokens = np.random.default_rng(3).integers(0, 256, (2, hp.SEQ))
+  hp.check_export_loads(ARCH, pair, transformers.Mamba2ForCausalLM, tokens)
+
+
 @pytest.mark.parametrize("clamp", [True, False])
 def test_greedy_decoding_matches_generate(pair, clamp):
   """transformers' cached Mamba-2 step (`mamba2_selective_state_update`) skips time_step_limit,
