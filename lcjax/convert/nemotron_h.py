@@ -2,8 +2,12 @@
 Mamba-2, attention without positions and plain squared-ReLU MLPs, one mixer per layer.
 
     layers_block_type  "linear_attention" / "full_attention" / "mlp"  ->  lcjax "M" / "*" / "-"
-    model.embeddings.weight, model.layers.N.norm.weight, model.norm_f.weight, lm_head.weight
-    model.layers.N.mixer.*      Mamba-2 as in `mamba2.py`; q/k/v/o_proj; up_proj, down_proj
+    backbone.embeddings.weight, backbone.layers.N.norm.weight, backbone.norm_f.weight,
+    lm_head.weight
+    backbone.layers.N.mixer.*   Mamba-2 as in `mamba2.py`; q/k/v/o_proj; up_proj, down_proj
+
+The files say "backbone." (NVIDIA's checkpoints, and transformers' save_pretrained, which
+renames its in-memory "model." back); from_pretrained reads them as "model.".
 
 The Mamba-2 mixer clamps dt at (time_step_min, inf) in the forward pass (time_step_limit is
 unused), its width is mamba_num_heads * mamba_head_dim (expand is unused). transformers never
@@ -149,10 +153,10 @@ def hf_config(cfg: ModelConfig) -> dict:
 
 
 def pieces(cfg: ModelConfig) -> dict[str, Piece]:
-  out = mamba2.trunk_pieces(cfg, "model")
+  out = mamba2.trunk_pieces(cfg, "backbone")
   a, d = cfg.attention, cfg.d_model
   for i, symbol in enumerate(cfg.pattern):
-    block, hf = f"blocks/{i}/mixer", f"model.layers.{i}.mixer"
+    block, hf = f"blocks/{i}/mixer", f"backbone.layers.{i}.mixer"
     if symbol == "M":
       out.update(mamba2.mixer_pieces(block, hf, cfg))
     elif symbol == "*":

@@ -17,6 +17,7 @@ import jax.numpy as jnp  # noqa: E402  (after the environment is set)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
 
 from lcjax.convert.params import check_pieces, from_hf, to_hf  # noqa: E402
 from lcjax.convert.safetensors_io import write_checkpoint  # noqa: E402
@@ -45,16 +46,18 @@ def perturb(model: torch.nn.Module, rng: np.random.Generator) -> None:
           param.copy_(torch.as_tensor(draw(param.numel()).reshape(param.shape)))
 
 
-def saved_config(model) -> dict:
-  """config.json as save_pretrained writes it."""
+def saved(model) -> tuple[dict, dict[str, np.ndarray]]:
+  """(config.json, tensors) as save_pretrained writes them (the names on disk, which may not
+  be the state_dict's: NemotronH saves "model." as "backbone.")."""
   with tempfile.TemporaryDirectory() as d:
-    model.config.save_pretrained(d)
+    model.save_pretrained(d)
     with open(os.path.join(d, "config.json")) as f:
-      return json.load(f)
-
-
-def state_dict(model) -> dict[str, np.ndarray]:
-  return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+      config = json.load(f)
+    tensors = {}
+    for name in sorted(os.listdir(d)):
+      if name.endswith(".safetensors"):
+        tensors.update(load_file(os.path.join(d, name)))
+  return config, tensors
 
 
 def build(arch, model_class, config_class, hf_config: dict, seed: int = 0):
@@ -62,7 +65,7 @@ def build(arch, model_class, config_class, hf_config: dict, seed: int = 0):
   torch.manual_seed(seed)
   hf = model_class(config_class(**hf_config)).eval()
   perturb(hf, np.random.default_rng(seed))
-  config, tensors = saved_config(hf), state_dict(hf)
+  config, tensors = saved(hf)
   return hf, config, tensors, import_model(arch, config, tensors)
 
 
