@@ -51,7 +51,7 @@ def _abstract_params(cfg: ModelConfig) -> dict:
                       nnx.to_pure_dict(model_skeleton(cfg)[1]))
 
 
-def _restore(workdir: str, step: int | None, cfg: ModelConfig | None):
+def restore_params(workdir: str, step: int | None = None, cfg: ModelConfig | None = None):
   """(ModelConfig, params on the default device, step) of a checkpoint of `workdir`."""
   from lcjax.train.checkpoint import Checkpointer
   from lcjax.train.shapes import array_differences
@@ -99,7 +99,7 @@ def export_hf(workdir: str, out: str, *, step: int | None = None, hf_class: str 
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
     raise ConvertError(f"--out={out} exists and is not an empty directory; nothing was "
                        "written. Export to a new directory (no overwriting).")
-  cfg, params, step = _restore(workdir, step, cfg)
+  cfg, params, step = restore_params(workdir, step, cfg)
   arch = architectures.for_model(cfg, hf_class)
   pieces = arch.pieces(cfg)
   convert_params.check_pieces(cfg, pieces, arch.hf_class)

@@ -42,13 +42,13 @@ def _read_config(hf_dir: str) -> dict:
     return json.load(f)
 
 
-def _check_new_workdir(workdir: str) -> str:
-  root = prepare_workdir(workdir)
-  ckpts = os.path.join(root, CHECKPOINTS)
+def _check_new_workdir(workdir: str) -> None:
+  """ConvertError when `workdir` holds checkpoints; creates nothing (a failed import leaves
+  no directory behind)."""
+  ckpts = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
   if os.path.isdir(ckpts) and os.listdir(ckpts):
     raise ConvertError(f"--workdir={workdir} already holds checkpoints ({ckpts}); nothing was "
                        "written. Import into a new --workdir (no overwriting).")
-  return root
 
 
 def read_hf(hf_path: str, *, mesh=None, rules=None, dtype: str | None = None):
@@ -83,8 +83,9 @@ def import_hf(hf_path: str, workdir: str, *, mesh=None, rules=None,
   a config field or a tensor does not fit, or `workdir` already holds checkpoints."""
   from lcjax.train.checkpoint import Checkpointer
 
-  root = _check_new_workdir(workdir)
+  _check_new_workdir(workdir)
   cfg, params, hf_class = read_hf(hf_path, mesh=mesh, rules=rules, dtype=dtype)
+  root = prepare_workdir(workdir)
   hf_dir = os.path.abspath(hf_path if os.path.isdir(hf_path) else os.path.dirname(hf_path))
   extra = _copy_tokenizer(hf_dir, root, cfg.vocab_size)
   text = model_gin.model_gin(cfg, _header(hf_path, hf_class),
