@@ -26,9 +26,10 @@ HF_CLASS = "Mamba2ForCausalLM"
 INF = float("inf")
 
 # Mamba2Config fields that do not change a float32 forward pass: residual_in_fp32 only rounds
-# the residual stream in lower precisions, rescale_prenorm_residual is init, time_step_rank is
-# unused by the model.
-_NEUTRAL = frozenset({"residual_in_fp32", "rescale_prenorm_residual", "time_step_rank"})
+# the residual stream in lower precisions, rescale_prenorm_residual and time_step_init_scheme
+# are init, time_step_rank is unused by the model.
+_NEUTRAL = frozenset({"residual_in_fp32", "rescale_prenorm_residual", "time_step_init_scheme",
+                      "time_step_rank"})
 # The fields `mamba_from_hf` reads, under Mamba2Config's names.
 MAMBA_FIELDS = frozenset({
     "hidden_size", "expand", "conv_kernel", "n_groups", "chunk_size", "use_bias",

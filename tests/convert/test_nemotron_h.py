@@ -4,6 +4,7 @@ greedy decoding; tensors and config.json round-trip; what lcjax cannot express i
 import dataclasses
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -52,6 +53,26 @@ def test_tensors_round_trip_exactly(pair):
 def test_export_loads_in_transformers(pair):
   tokens = np.random.default_rng(3).integers(0, 256, (2, hp.SEQ))
   hp.check_export_loads(ARCH, pair, transformers.NemotronHForCausalLM, tokens)
+
+
+def test_sharded_import_of_saved_checkpoint_equals_single_device(pair, tmp_path):
+  """Through the CLI's reader (registry, safetensors, config.json as saved) onto 8 devices
+  (fsdp x tensor): the Mamba-2 heads split over tensor."""
+  from lcjax.convert.hf_import import read_hf
+  from lcjax.parallel.mesh import MeshConfig, make_mesh
+  from lcjax.parallel.sharding import DEFAULT_RULES
+
+  pair[0].save_pretrained(tmp_path)
+  cfg, single, hf_class = read_hf(str(tmp_path), dtype="float32")
+  assert hf_class == nemotron_h.HF_CLASS and cfg == pair[3][0]
+  mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+  _, sharded, _ = read_hf(str(tmp_path), mesh=mesh, rules=DEFAULT_RULES, dtype="float32")
+  in_x = sharded["blocks"][0]["mixer"]["in_x"]
+  assert len(in_x.sharding.device_set) == 8 and not in_x.sharding.is_fully_replicated
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               single, sharded)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               single, pair[3][2])
 
 
 @pytest.mark.parametrize("clamp", [True, False])
