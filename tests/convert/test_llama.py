@@ -1,39 +1,35 @@
 """Llama, Mistral and Qwen2 against transformers: logits and greedy generation after import,
-tensors back byte for byte, config.json both ways, refusals."""
+tensors back byte for byte, the export loading in transformers, config.json both ways,
+refusals."""
 
 import dataclasses
 import json
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
-from flax import nnx
 
 from lcjax.convert import llama
-from lcjax.convert.params import check_pieces, from_hf, to_hf
 from lcjax.errors import ConvertError
 from lcjax.models.attention import AttentionConfig
 from lcjax.models.config import ModelConfig
 from lcjax.models.mlp import MLPConfig
-from lcjax.train.state import model_skeleton
 from tests.numerics import F32, assert_close
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-torch.set_num_threads(1)
+from tests.convert import hf_parity  # noqa: E402  (imports torch)
 
 ARCH = {a.hf_class: a for a in llama.ARCHITECTURES}
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                "Qwen2ForCausalLM": "qwen2"}
 # Logits against transformers float32: F32 (seen <= 4.2e-7 relative to the largest logit; a
 # case without its RoPE scaling is off by >= 1.8e-2).
-SEQ, PROMPT, NEW = 37, 11, 16
+SEQ, PROMPT = 37, 11
 BASE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=256, intermediate_size=96, rms_norm_eps=1e-5, initializer_range=0.05,
             bos_token_id=None, eos_token_id=None, pad_token_id=None)
-# rotary dim 16: 8 pairs. Original lengths below SEQ (and below PROMPT + NEW where the scaling
-# reads the current length), so dynamic and longrope run their long-context branch.
+# rotary dim 16: 8 pairs. Original lengths below SEQ and below PROMPT + hf_parity.NEW (16 new
+# tokens) where the scaling reads the current length, so dynamic and longrope switch to their
+# long-context branch while decoding.
 ROPES = {
     "none": ({"rope_type": "default", "rope_theta": 5000.0}, {}),
     "linear": ({"rope_type": "linear", "factor": 3.0, "rope_theta": 5000.0}, {}),
@@ -61,127 +57,41 @@ CASES = [
 ]
 
 
-def hf_model(hf_class: str, fields: dict, rope: str, seed: int):
-  """A transformers model with every parameter random (norm weights around 1, biases too)."""
+def build(hf_class: str, fields: dict, rope: str, rng):
+  """hf_parity's pair for a transformers model with every parameter random (norm weights
+  around 1 by `hf_parity.perturb`, biases here), saved and imported."""
   rope_parameters, rope_fields = ROPES[rope]
-  kwargs = {**BASE, **fields, **rope_fields, "rope_parameters": dict(rope_parameters)}
-  config = transformers.AutoConfig.for_model(MODEL_TYPES[hf_class], **kwargs)
-  torch.manual_seed(seed)
-  model = getattr(transformers, hf_class)(config).eval()
+  config = transformers.AutoConfig.for_model(
+      MODEL_TYPES[hf_class], **BASE, **fields, **rope_fields,
+      rope_parameters=dict(rope_parameters))
+  torch.manual_seed(int(rng.integers(1 << 30)))
+  hf = getattr(transformers, hf_class)(config).eval()
+  hf_parity.perturb(hf, rng)
   with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("norm.weight"):
-        p.copy_(1 + 0.3 * torch.randn_like(p))
-      elif name.endswith("bias"):
-        p.copy_(0.3 * torch.randn_like(p))
-  return model
-
-
-def saved_config(model, tmp_path) -> dict:
-  """config.json as transformers' save_pretrained writes it."""
-  model.config.save_pretrained(tmp_path)
-  return json.loads((tmp_path / "config.json").read_text())
-
-
-def state_dict(model) -> dict[str, np.ndarray]:
-  return {k: v.detach().numpy() for k, v in model.state_dict().items()}
-
-
-def import_params(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict:
-  def read(name, rows):
-    return tensors[name] if rows is None else tensors[name][rows[0]:rows[1]]
-
-  return from_hf(cfg, llama.pieces(cfg), read)
-
-
-def lcjax_model(cfg: ModelConfig, params: dict):
-  graphdef, abstract = model_skeleton(cfg)
-  nnx.replace_by_pure_dict(abstract, params)
-  return nnx.merge(graphdef, abstract)
-
-
-@nnx.jit
-def forward(model, tokens):
-  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-  return model(tokens, jnp.ones_like(tokens), positions)
-
-
-@nnx.jit(static_argnums=2)
-def prefill(model, tokens, max_len):
-  return model.prefill(tokens, model.init_cache(tokens.shape[0], max_len))
-
-
-@nnx.jit
-def decode_step(model, token, cache):
-  return model.decode_step(token, cache)
-
-
-def lcjax_greedy(model, prompt: jax.Array, new: int) -> np.ndarray:
-  """`[batch, new]` greedy tokens after prompt `[batch, k]`: prefill, then decode steps."""
-  logits, cache = prefill(model, prompt, prompt.shape[1] + new)
-  token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-  out = [token]
-  for _ in range(new - 1):
-    logits, cache = decode_step(model, token, cache)
-    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    out.append(token)
-  return np.stack([np.asarray(t) for t in out], axis=1)
+    for name, p in hf.named_parameters():
+      if name.endswith("bias"):
+        p.copy_(torch.as_tensor(rng.normal(0, 0.3, p.shape)))
+  config_json, tensors = hf_parity.saved(hf)
+  return hf, config_json, tensors, hf_parity.import_model(ARCH[hf_class], config_json, tensors)
 
 
 @pytest.mark.parametrize("case, hf_class, fields, rope, generate", CASES,
                          ids=[c[0] for c in CASES])
-def test_import_matches_transformers(tmp_path, rng, case, hf_class, fields, rope, generate):
-  seed = int(rng.integers(1 << 30))
-  hf = hf_model(hf_class, fields, rope, seed)
+def test_matches_transformers(rng, case, hf_class, fields, rope, generate):
+  """Import: logits, tensors back byte for byte (a tied lm_head is not saved), greedy decoding
+  (prompt + new tokens cross the window and the original lengths); export: config.json maps
+  back to the same ModelConfig and the files load in transformers as the same model."""
   arch = ARCH[hf_class]
-  cfg = dataclasses.replace(arch.model_config(saved_config(hf, tmp_path)), dtype="float32")
-  pieces = llama.pieces(cfg)
-  check_pieces(cfg, pieces, hf_class)
-  tensors = state_dict(hf)
-  params = import_params(cfg, tensors)
-  model = lcjax_model(cfg, params)
-
+  pair = build(hf_class, fields, rope, rng)
+  hf, _, _, (cfg, _, _, model) = pair
   tokens = rng.integers(0, cfg.vocab_size, (2, SEQ))
-  with torch.no_grad():
-    want = hf(torch.as_tensor(tokens)).logits.numpy()
-  got = forward(model, jnp.asarray(tokens, jnp.int32))
-  assert_close(got, want, F32, f"{case}: logits")
-
-  exported = dict(to_hf(pieces, params))
-  expect = set(tensors) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
-  assert set(exported) == expect
-  for name, value in exported.items():
-    assert value.dtype == np.float32 and value.tobytes() == tensors[name].tobytes(), name
-
-  if generate:  # prompt + new tokens cross the window and the original lengths
-    prompt = tokens[:, :PROMPT]
-    with torch.no_grad():
-      hf_out = hf.generate(torch.as_tensor(prompt), attention_mask=torch.ones_like(
-          torch.as_tensor(prompt)), do_sample=False, max_new_tokens=NEW)
-    np.testing.assert_array_equal(lcjax_greedy(model, jnp.asarray(prompt, jnp.int32), NEW),
-                                  hf_out[:, PROMPT:].numpy(), err_msg=case)
-
-
-@pytest.mark.parametrize("case, hf_class, fields, rope", [c[:4] for c in CASES],
-                         ids=[c[0] for c in CASES])
-def test_export_loads_in_transformers(rng, case, hf_class, fields, rope):
-  """lcjax -> config.json + tensors -> transformers: the same model (logits) and the same
-  config (config.json -> ModelConfig is exact)."""
-  hf = hf_model(hf_class, fields, rope, int(rng.integers(1 << 30)))
-  arch = ARCH[hf_class]
-  cfg = arch.model_config(json.loads(hf.config.to_json_string()))
-  config_json = arch.hf_config(cfg)
-  assert arch.model_config(config_json) == cfg
-  config = transformers.AutoConfig.for_model(**config_json)
-  assert config.architectures == [hf_class]
-  params = import_params(cfg, state_dict(hf))
-  back = getattr(transformers, hf_class)(config).eval()
-  missing, unexpected = back.load_state_dict(
-      {k: torch.from_numpy(v) for k, v in to_hf(llama.pieces(cfg), params)}, strict=False)
-  assert not unexpected and set(missing) <= ({"lm_head.weight"} if cfg.tie_embeddings else set())
-  tokens = torch.as_tensor(rng.integers(0, cfg.vocab_size, (1, SEQ)))
-  with torch.no_grad():
-    assert_close(back(tokens).logits.numpy(), hf(tokens).logits.numpy(), F32, case)
+  assert_close(hf_parity.lcjax_logits(model, tokens), hf_parity.hf_logits(hf, tokens), F32,
+               f"{case}: logits")
+  hf_parity.check_round_trip(pair)
+  assert arch.model_config(arch.hf_config(cfg)) == dataclasses.replace(cfg, dtype="auto")
+  hf_parity.check_export_loads(arch, pair, getattr(transformers, hf_class), tokens[:1])
+  if generate:
+    hf_parity.check_greedy(pair, tokens[:, :PROMPT], use_cache=True)
 
 
 ROUND_TRIPS = [
