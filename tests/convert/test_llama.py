@@ -129,6 +129,26 @@ def test_config_round_trip(cfg, first):
   assert fits and fits[0] == first, fits
 
 
+def test_reads_a_released_config():
+  """Llama-3.1-8B's config.json fields (transformers 4.x form: top-level rope_theta and
+  rope_scaling), sizes made tiny: every field is mapped or neutral."""
+  config = {
+      "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+      "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 64,
+      "initializer_range": 0.02, "intermediate_size": 96, "max_position_embeddings": 131072,
+      "mlp_bias": False, "model_type": "llama", "num_attention_heads": 4,
+      "num_hidden_layers": 2, "num_key_value_heads": 2, "pretraining_tp": 1,
+      "rms_norm_eps": 1e-05, "rope_scaling": {
+          "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+      "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+      "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 256}
+  cfg = ARCH["LlamaForCausalLM"].model_config(config)
+  assert cfg.pattern == "*-*-" and cfg.attention.head_dim == 16 and cfg.norm_eps == 1e-5
+  assert cfg.attention.rope_theta == 500000.0 and cfg.attention.bias == "none"
+  assert cfg.attention.rope_scaling == config["rope_scaling"]
+
+
 def test_reads_both_rope_forms():
   """Older files: top-level rope_theta and rope_scaling (with "type"), which wins over
   rope_parameters as in transformers; a missing original length is max_position_embeddings."""
