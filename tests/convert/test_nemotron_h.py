@@ -75,6 +75,7 @@ def test_sharded_import_of_saved_checkpoint_equals_single_device(pair, tmp_path)
                single, pair[3][2])
 
 
+@pytest.mark.slow  # ~15 s each: the hybrid's prefill and decode step compile
 @pytest.mark.parametrize("clamp", [True, False])
 def test_greedy_decoding_matches_generate(pair, clamp):
   """As Mamba2's (tests/convert/test_mamba2.py): transformers' cached step skips the dt clamp,
