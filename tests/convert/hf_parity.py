@@ -96,25 +96,20 @@ def check_logits(arch, pair, tokens: np.ndarray) -> None:
   assert_clamp_matters(arch, cfg, tensors, tokens, want)
 
 
-def check_round_trip(pair) -> None:
-  """`to_hf` of the imported params gives back exactly the checkpoint's tensors."""
-  _, _, tensors, (_, pieces, params, _) = pair
+def check_round_trip_and_export(arch, pair, model_class, tokens: np.ndarray) -> None:
+  """`to_hf` of the imported params gives back exactly the checkpoint's tensors, and the
+  export (`hf_config`, safetensors) loads in transformers with the original's logits."""
+  hf, _, tensors, (cfg, pieces, params, _) = pair
   back = dict(to_hf(pieces, params))
   assert set(back) == set(tensors)
   for name, value in back.items():
     np.testing.assert_array_equal(value, tensors[name], err_msg=name)
-
-
-def check_export_loads(arch, pair, model_class, tokens: np.ndarray) -> None:
-  """The imported model exported (`hf_config`, `to_hf`, safetensors) loads in transformers
-  with the original's logits."""
-  hf, _, _, (cfg, pieces, params, _) = pair
   config = json.dumps(arch.hf_config(cfg))  # as the exporter writes it: inf as Infinity
   with tempfile.TemporaryDirectory() as d:
     out = os.path.join(d, "hf")
-    write_checkpoint(out, to_hf(pieces, params), {"config.json": config})
-    back = model_class.from_pretrained(out).eval()
-  assert_close(hf_logits(back, tokens), hf_logits(hf, tokens), F32, "exported logits")
+    write_checkpoint(out, back.items(), {"config.json": config})
+    exported = model_class.from_pretrained(out).eval()
+  assert_close(hf_logits(exported, tokens), hf_logits(hf, tokens), F32, "exported logits")
 
 
 def check_greedy(pair, prompt: np.ndarray, *, use_cache: bool) -> None:

@@ -46,13 +46,9 @@ def test_logits_match_transformers(pair):
   hp.check_logits(ARCH, pair, np.random.default_rng(1).integers(0, 256, (2, hp.SEQ)))
 
 
-def test_tensors_round_trip_exactly(pair):
-  hp.check_round_trip(pair)
-
-
-def test_export_loads_in_transformers(pair):
+def test_tensors_round_trip_and_export_loads_in_transformers(pair):
   tokens = np.random.default_rng(3).integers(0, 256, (2, hp.SEQ))
-  hp.check_export_loads(ARCH, pair, transformers.NemotronHForCausalLM, tokens)
+  hp.check_round_trip_and_export(ARCH, pair, transformers.NemotronHForCausalLM, tokens)
 
 
 def test_sharded_import_of_saved_checkpoint_equals_single_device(pair, tmp_path):
