@@ -29,11 +29,17 @@ def saved_model_config(gin_text: str, step: int) -> ModelConfig:
 
   import lcjax.eval.suite  # noqa: F401  (every configurable a run's gin text binds)
   import lcjax.models.allocation  # noqa: F401
+  import lcjax.train.distributed  # noqa: F401
   from lcjax.run import Run, TrainConfig
   from lcjax.train import stages
 
   gin.clear_config()
-  gin.parse_config(gin_text)
+  try:
+    gin.parse_config(gin_text)
+  except (ValueError, KeyError, SyntaxError, TypeError) as e:
+    raise ConvertError(f"The gin config saved with checkpoint step {step} does not parse "
+                       f"({str(e).splitlines()[0]}); nothing was written. Give the model's "
+                       "--gin_file instead.") from e
   if not TrainConfig().stages:
     return ModelConfig()
   return stages.run_at(Run.from_gin(), step).model

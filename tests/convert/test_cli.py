@@ -6,24 +6,26 @@ Every command runs as a real CLI in a fresh interpreter (each spends a few secon
 """
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcjax.convert.hf_export import restore_params
-from lcjax.convert.safetensors_io import INDEX
-from tests.convert.test_llama import forward, lcjax_model
-from tests.numerics import assert_close
-from tests.train.runs import REPO
-
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-torch.set_num_threads(1)
+
+from flax import nnx  # noqa: E402  (after the skips)
+
+from lcjax.convert.hf_export import restore_params  # noqa: E402
+from lcjax.convert.safetensors_io import INDEX  # noqa: E402
+from lcjax.train.state import model_skeleton  # noqa: E402
+from tests.convert import hf_parity  # noqa: E402  (torch threads: 1)
+from tests.numerics import assert_close  # noqa: E402
+from tests.train.runs import REPO  # noqa: E402
 
 PARITY = 1e-4  # transformers float32 against lcjax float32 (as tests/convert/test_llama.py)
 SEQ = 37
@@ -77,16 +79,14 @@ def hf(tmp_path_factory):
   return model, str(path)
 
 
-def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
-  with torch.no_grad():
-    return model(torch.as_tensor(tokens)).logits.numpy()
+hf_logits = hf_parity.hf_logits
 
 
-def lcjax_logits(workdir: str, tokens: np.ndarray, step=None) -> np.ndarray:
-  import dataclasses
-  cfg, params, _ = restore_params(workdir, step)
-  model = lcjax_model(dataclasses.replace(cfg, dtype="float32"), params)
-  return np.asarray(forward(model, jnp.asarray(tokens, jnp.int32)))
+def lcjax_logits(workdir: str, tokens: np.ndarray) -> np.ndarray:
+  """The logits of the newest checkpoint of `workdir`, as `lcjax.convert export` reads it."""
+  cfg, params, _ = restore_params(workdir)
+  graphdef, _ = model_skeleton(dataclasses.replace(cfg, dtype="float32"))
+  return hf_parity.lcjax_logits(nnx.merge(graphdef, nnx.State(params)), tokens)
 
 
 def test_import_export_match_transformers(hf, tmp_path):
@@ -161,7 +161,8 @@ def test_readme_path_import_finetune_longer_evaluate_export(hf, tmp_path):
   for w, result in zip((imported, tuned), evals):
     ok(result)
     results = json.load(open(f"{w}/eval/{0 if w == imported else 3}/results.json"))
-    assert np.isfinite(results["metrics"]["lcjax_shakespeare/loss"])
+    assert np.isfinite(results["metrics"]["eval/lcjax_shakespeare/loss"])
+    assert "ppl_by_position" in results["probes"]
   ok(cli("lcjax.convert", "export", f"--workdir={tuned}", f"--out={out}"))
   config = json.load(open(f"{out}/config.json"))
   assert config["rope_parameters"]["rope_type"] == "linear"
