@@ -5,8 +5,9 @@ transformers shards, written one shard at a time so this script stays small), im
 subprocess, and prints a markdown table (recorded in bench/README.md): parameters, checkpoint
 bytes, import wall time, the import process's peak RSS (`os.wait4`'s ru_maxrss), the peak RSS
 of an interpreter that only loads what the import command loads (`BASELINE`), and the peak
-RSS, with and without the baseline, over the float32 model bytes. On CPU the "device" arrays live in host memory, so the float32
-params themselves count there; on an accelerator they would not.
+RSS, with and without the baseline, over the float32 model bytes. On CPU the "device" arrays
+live in host memory, so the float32 params themselves count there; on an accelerator they
+would not.
 
     python bench/import_memory.py [--dir=/tmp/lcjax_import_bench] [--layers=20] [--keep]
 

@@ -58,7 +58,9 @@ def _abstract_params(cfg: ModelConfig) -> dict:
 
 
 def restore_params(workdir: str, step: int | None = None, cfg: ModelConfig | None = None):
-  """(ModelConfig, params on the default device, step) of a checkpoint of `workdir`."""
+  """(ModelConfig for inference, params on the default device, step) of checkpoint `step`
+  (default: the newest) of `workdir`; the model from `cfg`, else the checkpoint's saved gin
+  text. Restores only the params (a trained or an imported checkpoint)."""
   from lcjax.train.checkpoint import Checkpointer
   from lcjax.train.shapes import array_differences
   from lcjax.workdir import existing_workdir

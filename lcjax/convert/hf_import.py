@@ -106,7 +106,9 @@ def _header(hf_path: str, hf_class: str) -> str:
   return (f"# Imported by `python -m lcjax.convert import` from {os.path.abspath(hf_path)} "
           f"({hf_class}).\n# Fine-tune: python -m lcjax.train --gin_file=<this file> "
           "--gin_file=<train/data configs> --workdir=NEW\n# Evaluate: python -m lcjax.eval "
-          "--gin_file=<this file> --workdir=<this directory>")
+          "--gin_file=<this file> --workdir=<this directory>\n# It binds only what differs from "
+          "lcjax's defaults: combine it with train, data and mesh configs, not with a\n# model "
+          "config (configs/models/*.gin), whose bindings would change this model.")
 
 
 def _copy_tokenizer(hf_dir: str, root: str, vocab_size: int) -> list[str]:

@@ -96,6 +96,12 @@ def test_import_export_match_transformers(hf, tmp_path):
   out = ok(cli("lcjax.convert", "import", f"--hf={path}", f"--workdir={tmp_path}/w"))
   assert "larger than the data vocabulary's (259)" in out.stdout
   assert_close(lcjax_logits(f"{tmp_path}/w", tokens), want, PARITY, "imported")
+  # Streamed into a 2 x 4 (data x fsdp) mesh of the 8 test devices: the same parameters.
+  mesh = os.path.join(REPO, "configs", "mesh", "data2_fsdp4.gin")
+  ok(cli("lcjax.convert", "import", f"--hf={path}", f"--workdir={tmp_path}/sharded",
+         f"--gin_file={mesh}"))
+  np.testing.assert_array_equal(lcjax_logits(f"{tmp_path}/sharded", tokens),
+                                lcjax_logits(f"{tmp_path}/w", tokens))
   ok(cli("lcjax.convert", "export", f"--workdir={tmp_path}/w", f"--out={tmp_path}/out"))
   back = transformers.AutoModelForCausalLM.from_pretrained(f"{tmp_path}/out").eval()
   np.testing.assert_array_equal(hf_logits(back, tokens), want)  # float32 both ways: exact

@@ -227,3 +227,25 @@ def test_model_gin_round_trip_of_non_defaults(tmp_path):
   import lcjax.run  # noqa: F401  (TrainConfig)
   parse_gin([str(tmp_path / "model.gin")], [])
   assert ModelConfig() == cfg
+
+
+def test_sentencepiece_tokenizer_is_bound_and_exported(tmp_path, rng):
+  import sentencepiece as spm
+
+  from lcjax.config import parse_gin
+  from lcjax.run import DataConfig
+
+  hf = _hf_dir(tmp_path / "hf", _hf_tensors(rng))
+  lines = ["to be or not to be that is the question", "whether tis nobler in the mind"] * 20
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=f"{hf}/tokenizer",
+                                 vocab_size=40, model_type="bpe")
+  import_hf(hf, str(tmp_path / "work"))
+  spm_path = str(tmp_path / "work" / "tokenizer.model")
+  assert open(spm_path, "rb").read() == open(f"{hf}/tokenizer.model", "rb").read()
+  text = (tmp_path / "work" / "model.gin").read_text()
+  assert "Llama's tokenizer.model has unk=0, bos=1, eos=2" in text
+  parse_gin([str(tmp_path / "work" / "model.gin")], [])
+  assert DataConfig().vocabulary == spm_path
+  files = export_hf(str(tmp_path / "work"), str(tmp_path / "out"))
+  assert "tokenizer.model" in files
+  assert open(tmp_path / "out" / "tokenizer.model", "rb").read() == open(spm_path, "rb").read()
