@@ -65,6 +65,13 @@ def checkpoint_files(path: str) -> tuple[list[str], dict[str, str] | None]:
   raise ConvertError(f"{path} holds neither {SINGLE} nor {INDEX}: nothing to import.")
 
 
+def _host_device():
+  try:
+    return jax.devices("cpu")[0]
+  except RuntimeError:  # JAX_PLATFORMS without cpu: the default device, one tensor at a time
+    return None
+
+
 class SafetensorsReader:
   """The tensors of a HF checkpoint (`checkpoint_files`): names and shapes without reading
   data, and `read(name, rows)` reading only those rows. Use as a context manager."""
@@ -106,8 +113,9 @@ class SafetensorsReader:
     index = slice(None) if rows is None else slice(*rows)
     if part.get_dtype() != "BF16":
       return part[index]
-    # safetensors' numpy slices do not know bfloat16; its flax ones do (kept on the host).
-    with jax.default_device(jax.devices("cpu")[0]):
+    # safetensors' numpy slices do not know bfloat16; its flax ones do (kept on the host when
+    # JAX has its CPU backend).
+    with jax.default_device(_host_device()):
       with safe_open(self._file[name], framework="flax") as f:
         return np.asarray(f.get_slice(name)[index])
 
