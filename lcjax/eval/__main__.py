@@ -29,8 +29,8 @@ flags.mark_flag_as_required("workdir")
 
 
 def restore_params(workdir: str, setup, step: int | None, keep: int):
-  """(params, step) of the newest or the named checkpoint; a ConfigError naming the steps
-  there when it is missing."""
+  """(params, step, checkpoint path) of the newest or the named checkpoint (a trained run's or
+  an imported one's); a ConfigError naming the steps there when it is missing."""
   import gin
 
   from lcjax.train.checkpoint import Checkpointer
@@ -45,8 +45,15 @@ def restore_params(workdir: str, setup, step: int | None, keep: int):
       raise ConfigError(
           f"No checkpoint {'at step ' + str(step) + ' ' if step is not None else ''}in "
           f"{ckpt.directory} (available steps: {steps}); nothing was changed. {fix}")
-    state, _ = ckpt.restore(step, setup.abstract_state(), gin.operative_config_str())
-    return state["params"], step, os.path.join(ckpt.directory, str(step))
+    # Only the params: a checkpoint imported by lcjax.convert holds nothing else.
+    abstract = {"params": setup.abstract_state()["params"]}
+    config = gin.operative_config_str()
+
+    def check(saved):  # a mismatch names the parameters and the gin bindings that changed
+      ckpt._check_fits(step, {"params": saved.get("params", {})}, abstract, config)
+
+    params = ckpt.restore_part(step, abstract, check)["params"]
+    return params, step, os.path.join(ckpt.directory, str(step))
   finally:
     ckpt.close()
 

@@ -21,7 +21,7 @@ from flax import nnx
 from lcjax.config import binding_changes
 from lcjax.data import tasks
 from lcjax.data.pipeline import make_train_iterator
-from lcjax.errors import ConfigError, NonFiniteLossError
+from lcjax.errors import CheckpointMismatchError, ConfigError, NonFiniteLossError
 from lcjax.eval.evaluate import evaluate
 from lcjax.eval.suite import EvalConfig, InLoop
 from lcjax.parallel import sharding
@@ -183,8 +183,12 @@ def _restore_or_init(run: Run, setup: Setup, ckpt: Checkpointer,
   """(state, step, (stage index, data state) or None): the newest checkpoint's, else one from
   TrainConfig.init_from, else fresh. This run's own checkpoint takes precedence over init_from:
   once a run initialised from another has saved, running it again resumes it."""
-  restored = ckpt.restore_latest(setup.abstract_state(), config,
-                                 fallback=run.train.on_corrupt_checkpoint == "fallback")
+  try:
+    restored = ckpt.restore_latest(setup.abstract_state(), config,
+                                   fallback=run.train.on_corrupt_checkpoint == "fallback")
+  except CheckpointMismatchError:
+    _refuse_imported(ckpt)  # the likely cause, said plainly
+    raise
   if restored is None:
     fresh = train_state.init_state(run.model, run.train.seed, setup.optimizer, setup.shardings)
     if run.train.init_from is None:
@@ -201,6 +205,19 @@ def _restore_or_init(run: Run, setup: Setup, ckpt: Checkpointer,
           "checkpoints of its own, and resuming them takes precedence.")
   print(f"Resumed from {ckpt.directory}/{start}")
   return state, start, (record.get("stage", 0), data_state)
+
+
+def _refuse_imported(ckpt: Checkpointer) -> None:
+  """ConfigError when the newest checkpoint was written by `lcjax.convert import` (params
+  only: nothing to resume)."""
+  latest = ckpt.latest_step()
+  record = (ckpt.record_of(latest) or {}) if latest is not None else {}
+  if record.get("params_only"):
+    raise ConfigError(
+        f"{ckpt.workdir} holds a checkpoint imported by lcjax.convert from "
+        f"{record.get('imported_from')} (parameters only: no optimizer state or data position "
+        f"to resume); nothing was changed. Train in a new --workdir with TrainConfig.init_from "
+        f"= {ckpt.workdir!r} (its model.gin sets it).")
 
 
 def _check_same_length(ckpt: Checkpointer, step: int, config: str) -> None:
