@@ -1,30 +1,17 @@
 """The architectures the converter knows, by Hugging Face class name.
 
-An architecture is three functions: config.json -> `ModelConfig` (ConvertError on a field it
-cannot express), the inverse, and the `Piece` of every lcjax parameter. Adding one is a module
-with those and a line in `ARCHITECTURES`.
+An architecture (`lcjax.convert.pieces.Architecture`) is three functions: config.json ->
+`ModelConfig` (ConvertError on a field it cannot express), the inverse, and the `Piece` of every
+lcjax parameter. Adding one is a module with those and a line in `_registry`.
 """
 
-import dataclasses
-from collections.abc import Callable
-
-from lcjax.convert.pieces import Piece
+from lcjax.convert import llama, mamba2, nemotron_h
+from lcjax.convert.pieces import Architecture
 from lcjax.errors import ConvertError
 from lcjax.models.config import ModelConfig
 
 
-@dataclasses.dataclass(frozen=True)
-class Architecture:
-  hf_class: str  # config.json "architectures"[0], e.g. "LlamaForCausalLM"
-  model_config: Callable[[dict], ModelConfig]
-  # ModelConfig -> config.json (a dict); ConvertError when the HF class cannot express it.
-  hf_config: Callable[[ModelConfig], dict]
-  # ModelConfig -> {lcjax parameter path ("blocks/0/mixer/q", `param_path`): Piece}.
-  pieces: Callable[[ModelConfig], dict[str, Piece]]
-
-
 def _registry() -> dict[str, Architecture]:
-  from lcjax.convert import llama, mamba2, nemotron_h  # they import this module's neighbours
   archs = [*llama.ARCHITECTURES, mamba2.ARCHITECTURE, nemotron_h.ARCHITECTURE]
   return {a.hf_class: a for a in archs}
 
@@ -58,8 +45,3 @@ def for_model(cfg: ModelConfig, hf_class: str | None = None) -> Architecture:
       reasons.append(f"{arch.hf_class}: {e}")
   raise ConvertError("No Hugging Face architecture can express this model; nothing was "
                      "written.\n  " + "\n  ".join(reasons))
-
-
-def param_path(path: tuple) -> str:
-  """An nnx state path ('blocks', 0, 'mixer', 'q') as "blocks/0/mixer/q"."""
-  return "/".join(str(k) for k in path)

@@ -25,9 +25,8 @@ set `ModelConfig.dtype = "float32"`.
 import dataclasses
 from collections.abc import Callable
 
-from lcjax.convert.architectures import Architecture
 from lcjax.convert.hf_config import check_fields, require
-from lcjax.convert.pieces import Piece, heads_bias, heads_in, heads_out, linear
+from lcjax.convert.pieces import Architecture, Piece, heads_bias, heads_in, heads_out, linear
 from lcjax.errors import ConfigError, ConvertError
 from lcjax.models.attention import AttentionConfig
 from lcjax.models.config import ModelConfig

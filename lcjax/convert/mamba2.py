@@ -15,9 +15,8 @@ is `norm_before_gate=False` with group size d_inner / n_groups, as lcjax's `gate
 """
 
 from lcjax.convert import pieces as P
-from lcjax.convert.architectures import Architecture
 from lcjax.convert.hf_config import check_fields, require
-from lcjax.convert.pieces import Piece
+from lcjax.convert.pieces import Architecture, Piece
 from lcjax.errors import ConfigError, ConvertError
 from lcjax.models.config import ModelConfig
 from lcjax.models.mamba import MambaConfig

@@ -16,9 +16,8 @@ ties lm_head to the embeddings here, whatever tie_word_embeddings says.
 
 from lcjax.convert import mamba2
 from lcjax.convert import pieces as P
-from lcjax.convert.architectures import Architecture
 from lcjax.convert.hf_config import check_fields, require
-from lcjax.convert.pieces import Piece
+from lcjax.convert.pieces import Architecture, Piece
 from lcjax.errors import ConvertError
 from lcjax.models.attention import AttentionConfig
 from lcjax.models.config import ModelConfig

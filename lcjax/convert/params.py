@@ -11,8 +11,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lcjax.convert.architectures import param_path
-from lcjax.convert.pieces import Piece, by_tensor
+from lcjax.convert.pieces import Piece, by_tensor, param_path
 from lcjax.errors import ConvertError
 from lcjax.models.config import ModelConfig
 from lcjax.train.state import model_skeleton

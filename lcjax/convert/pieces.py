@@ -10,11 +10,15 @@ they become the lcjax array:
     hf[start:stop] = lcjax.transpose(argsort(perm)).reshape(shape)
 
 Both directions are exact (reshapes and transposes only); dtypes are the caller's business.
+An `Architecture` is a config.json mapping plus the Piece of every lcjax parameter.
 """
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
+
+from lcjax.models.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,3 +81,18 @@ def by_tensor(pieces: dict[str, Piece]) -> dict[str, list[tuple[str, Piece]]]:
   for parts in grouped.values():
     parts.sort(key=lambda part: (part[1].rows or (0, 0))[0])
   return grouped
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  hf_class: str  # config.json "architectures"[0], e.g. "LlamaForCausalLM"
+  model_config: Callable[[dict], ModelConfig]
+  # ModelConfig -> config.json (a dict); ConvertError when the HF class cannot express it.
+  hf_config: Callable[[ModelConfig], dict]
+  # ModelConfig -> {lcjax parameter path ("blocks/0/mixer/q", `param_path`): Piece}.
+  pieces: Callable[[ModelConfig], dict[str, Piece]]
+
+
+def param_path(path: tuple) -> str:
+  """An nnx state path ('blocks', 0, 'mixer', 'q') as "blocks/0/mixer/q"."""
+  return "/".join(str(k) for k in path)

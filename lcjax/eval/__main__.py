@@ -50,7 +50,7 @@ def restore_params(workdir: str, setup, step: int | None, keep: int):
     config = gin.operative_config_str()
 
     def check(saved):  # a mismatch names the parameters and the gin bindings that changed
-      ckpt._check_fits(step, {"params": saved.get("params", {})}, abstract, config)
+      ckpt.check_fits(step, {"params": saved.get("params", {})}, abstract, config)
 
     params = ckpt.restore_part(step, abstract, check)["params"]
     return params, step, os.path.join(ckpt.directory, str(step))

@@ -111,7 +111,7 @@ class Checkpointer:
     shapes, dtypes and shardings of `abstract_state`. `config` is the current operative gin
     text (named in a mismatch). Checks the manifest before reading any array."""
     verified, saved = self._saved_tree(step)
-    self._check_fits(step, saved, abstract_state, config)
+    self.check_fits(step, saved, abstract_state, config)
     restored = self._read(step, verified, state=ocp.args.StandardRestore(abstract_state),
                           data=ocp.args.JsonRestore())
     try:
@@ -279,7 +279,7 @@ class Checkpointer:
         f"Checkpoint step {step} in {self._step_dir(step)} matches its checksums, but orbax "
         f"could not restore it ({cause}). Nothing was changed on disk.")
 
-  def _check_fits(self, step: int, saved, abstract_state, config: str) -> None:
+  def check_fits(self, step: int, saved, abstract_state, config: str) -> None:
     """CheckpointMismatchError when `step`'s arrays are not those of `abstract_state`."""
     differences = array_differences(saved, abstract_state)
     if not differences:

@@ -87,9 +87,8 @@ def test_matches_transformers(rng, case, hf_class, fields, rope, generate):
   tokens = rng.integers(0, cfg.vocab_size, (2, SEQ))
   assert_close(hf_parity.lcjax_logits(model, tokens), hf_parity.hf_logits(hf, tokens), F32,
                f"{case}: logits")
-  hf_parity.check_round_trip(pair)
+  hf_parity.check_round_trip_and_export(arch, pair, getattr(transformers, hf_class), tokens[:1])
   assert arch.model_config(arch.hf_config(cfg)) == dataclasses.replace(cfg, dtype="auto")
-  hf_parity.check_export_loads(arch, pair, getattr(transformers, hf_class), tokens[:1])
   if generate:
     hf_parity.check_greedy(pair, tokens[:, :PROMPT], use_cache=True)
 
