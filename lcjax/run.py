@@ -55,6 +55,9 @@ class TrainConfig:
   # "params", or "params_and_optimizer" (moments too); the step counter starts at 0.
   init_from: str | None = None
   init_mode: str = "params"
+  # (start, stop): a jax.profiler trace of steps start..stop (1-based, inclusive) in
+  # DIR/profile/ (lcjax.train.profile); None: no trace.
+  profile_steps: tuple[int, int] | None = None
 
   def __post_init__(self):
     if isinstance(self.stages, list):  # gin gives a list
@@ -74,6 +77,12 @@ class TrainConfig:
       raise ConfigError(f"TrainConfig.init_mode = {self.init_mode!r}; expected one of "
                         f"{INIT_MODES}.")
     stages.check_steps(self.stages, self.steps)
+    if self.profile_steps is not None:
+      start, stop = self.profile_steps
+      if not 1 <= start <= stop <= self.steps:
+        raise ConfigError(
+            f"TrainConfig.profile_steps = {self.profile_steps} must be (start, stop) with "
+            f"1 <= start <= stop <= TrainConfig.steps = {self.steps}, e.g. (10, 12).")
 
 
 @dataclasses.dataclass

@@ -30,6 +30,7 @@ from lcjax.train import flops, init_from, stages
 from lcjax.train import state as train_state
 from lcjax.train.checkpoint import Checkpointer
 from lcjax.train.metrics import MetricsWriter, Throughput
+from lcjax.train.profile import StepProfiler
 from lcjax.train.shapes import array_differences
 from lcjax.train.step import make_train_step
 from lcjax.workdir import prepare_workdir
@@ -55,7 +56,8 @@ def train(workdir: str, run: Run | None = None) -> dict:
     writer, bar = _progress(workdir, run.train.steps, start, cleanup)
     loop = _Loop(ckpt, _PendingMetrics(ckpt, run, start), writer, bar, config,
                  {"stages": [s.record() for s in run.train.stages]},
-                 _summary(workdir, ckpt), cleanup.enter_context(_sigterm_flag()))
+                 _summary(workdir, ckpt), cleanup.enter_context(_sigterm_flag()),
+                 StepProfiler(workdir, run.train.profile_steps, cleanup))
 
     # ---- Stages: from the one the next step belongs to, each to its end (or SIGTERM).
     step = start
@@ -93,9 +95,10 @@ def _operative_config(run: Run) -> str:
 class _Loop:
   """What the stages of one `train` call share: checkpoints, metrics, progress, SIGTERM."""
 
-  def __init__(self, ckpt, pending, writer, bar, config, record, summary, preempted):
+  def __init__(self, ckpt, pending, writer, bar, config, record, summary, preempted, profiler):
     self.ckpt, self.pending, self.writer, self.bar = ckpt, pending, writer, bar
     self.config, self.record, self.summary, self.preempted = config, record, summary, preempted
+    self.profiler = profiler
 
   def stage(self, p: stages.Planned, setup: Setup, state, step: int, saved_data):
     """Trains stage `p` from `step` to its end; its own data, jitted step, eval and throughput.
@@ -119,8 +122,10 @@ class _Loop:
         break
       batch = next(data)  # rows x length vary with DataConfig.length_buckets; tokens do not
       global_rows = next(iter(batch.values())).shape[0] * setup.data_shards
+      self.profiler.before(step + 1)
       state, metrics = step_fn(state, setup.put_batch(batch, global_rows))
       step += 1
+      self.profiler.after(step, (state, metrics))
       self.ckpt.check()  # a background save that failed (a full disk) stops the run here
       self.pending.add(step, metrics)
       throughput.step()

@@ -100,3 +100,9 @@ def test_configuration_errors_are_config_errors():
   parse_gin([DEMO_GIN], TINY + ["TrainConfig.batch_size = 12"])
   with pytest.raises(ConfigError):
     build(Run.from_gin())
+
+
+@pytest.mark.parametrize("steps", [(0, 2), (3, 2), (5, 11)])
+def test_profile_steps_outside_the_run(steps):
+  with pytest.raises(ConfigError, match=r"profile_steps.*1 <= start <= stop <= .*10"):
+    TrainConfig(steps=10, profile_steps=steps)

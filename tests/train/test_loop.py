@@ -21,7 +21,8 @@ from tests.train.runs import (
 
 def test_tiny_run_learns_and_writes_outputs(tmp_path):
   summary = train_in_process(tmp_path, bindings(TrainConfig__steps=20, TrainConfig__eval_every=20,
-                                                TrainConfig__checkpoint_every=10))
+                                                TrainConfig__checkpoint_every=10,
+                                                TrainConfig__profile_steps=(4, 5)))
   losses = train_losses(tmp_path)
   assert sorted(losses) == list(range(1, 21))
   assert np.mean([losses[s] for s in (18, 19, 20)]) < 0.8 * np.mean([losses[s] for s in (1, 2, 3)])
@@ -34,6 +35,8 @@ def test_tiny_run_learns_and_writes_outputs(tmp_path):
   assert operative.count("ModelConfig.d_model = 32") == 1
   assert "MqarConfig.num_pairs = 8" in operative  # data task configs are recorded too
   assert os.listdir(tmp_path / "tb")
+  traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
+  assert any(f.endswith(".xplane.pb") for f in traces), traces  # TensorBoard's profile plugin
   assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [10, 20]
   assert summary["step"] == 20 and summary["eval"]
 
