@@ -24,7 +24,8 @@ DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.f
 
 def saved_model_config(gin_text: str, step: int) -> ModelConfig:
   """The ModelConfig of a checkpoint's saved gin text (of the stage that trained `step`, for a
-  staged run). Replaces the parsed gin config."""
+  staged run). Parses it in the global gin config, which it leaves cleared: nothing parsed
+  before survives, and nothing of the checkpoint's bindings leaks into later configs."""
   import gin
 
   import lcjax.eval.suite  # noqa: F401  (every configurable a run's gin text binds)
@@ -35,14 +36,17 @@ def saved_model_config(gin_text: str, step: int) -> ModelConfig:
 
   gin.clear_config()
   try:
-    gin.parse_config(gin_text)
-  except (ValueError, KeyError, SyntaxError, TypeError) as e:
-    raise ConvertError(f"The gin config saved with checkpoint step {step} does not parse "
-                       f"({str(e).splitlines()[0]}); nothing was written. Give the model's "
-                       "--gin_file instead.") from e
-  if not TrainConfig().stages:
-    return ModelConfig()
-  return stages.run_at(Run.from_gin(), step).model
+    try:
+      gin.parse_config(gin_text)
+    except (ValueError, KeyError, SyntaxError, TypeError) as e:
+      raise ConvertError(f"The gin config saved with checkpoint step {step} does not parse "
+                         f"({str(e).splitlines()[0]}); nothing was written. Give the model's "
+                         "--gin_file instead.") from e
+    if not TrainConfig().stages:
+      return ModelConfig()
+    return stages.run_at(Run.from_gin(), step).model
+  finally:
+    gin.clear_config()
 
 
 def _abstract_params(cfg: ModelConfig) -> dict:
@@ -50,11 +54,9 @@ def _abstract_params(cfg: ModelConfig) -> dict:
   import jax
   from flax import nnx
 
-  from lcjax.train.state import model_skeleton
-
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device),
-                      nnx.to_pure_dict(model_skeleton(cfg)[1]))
+                      nnx.to_pure_dict(convert_params.abstract_params(cfg)))
 
 
 def restore_params(workdir: str, step: int | None = None, cfg: ModelConfig | None = None):

@@ -56,7 +56,6 @@ def read_hf(hf_path: str, *, mesh=None, rules=None, dtype: str | None = None):
   a pure dict of float32 arrays, each placed by `rules` on `mesh` (None: one device). `dtype`
   sets ModelConfig.dtype, the compute dtype (None: the architecture's choice)."""
   from lcjax.parallel import sharding
-  from lcjax.train.state import model_skeleton
 
   hf_dir = hf_path if os.path.isdir(hf_path) else os.path.dirname(os.path.abspath(hf_path))
   with SafetensorsReader(hf_path) as reader:  # refuses pickles before anything else
@@ -71,7 +70,7 @@ def read_hf(hf_path: str, *, mesh=None, rules=None, dtype: str | None = None):
     shardings = None
     if mesh is not None:
       rules = sharding.logical_rules() if rules is None else rules
-      shardings = sharding.param_shardings(model_skeleton(cfg)[1], mesh, rules)
+      shardings = sharding.param_shardings(convert_params.abstract_params(cfg), mesh, rules)
     params = convert_params.from_hf(cfg, pieces, reader.read, shardings)
   return cfg, params, arch.hf_class
 

@@ -5,6 +5,7 @@ Importing fills each parameter from its `Piece` straight into its target shardin
 the model. Exporting gathers one HF tensor at a time from its pieces.
 """
 
+import functools
 from collections.abc import Callable, Iterator
 
 import jax
@@ -40,9 +41,16 @@ def _nest(flat: dict[tuple, object]) -> dict:
   return out
 
 
+@functools.lru_cache(maxsize=2)
+def abstract_params(cfg: ModelConfig) -> nnx.State:
+  """The parameters' shapes and logical axes, nothing allocated; cached, since an import
+  needs them for the checks, the shardings and the reads."""
+  return model_skeleton(cfg)[1]
+
+
 def check_pieces(cfg: ModelConfig, pieces: dict[str, Piece], hf_class: str) -> None:
   """ConvertError unless `pieces` names exactly the model's parameters."""
-  _, abstract = model_skeleton(cfg)
+  abstract = abstract_params(cfg)
   paths = {param_path(p) for p in _flat(nnx.to_pure_dict(abstract))}
   missing, extra = sorted(paths - set(pieces)), sorted(set(pieces) - paths)
   if missing or extra:
@@ -57,7 +65,7 @@ def from_hf(cfg: ModelConfig, pieces: dict[str, Piece], read: Reader,
   `read`, each placed with its sharding from `shardings` (a pure dict like the params, e.g.
   `lcjax.parallel.sharding.param_shardings`; None: the default device). ConvertError naming
   the tensor when a shape does not fit."""
-  _, abstract = model_skeleton(cfg)
+  abstract = abstract_params(cfg)
   targets = _flat(nnx.to_pure_dict(abstract))
   placements = _flat(shardings) if shardings is not None else {}
   params = {}

@@ -79,6 +79,7 @@ class SafetensorsReader:
   def __init__(self, path: str):
     files, weight_map = checkpoint_files(path)
     self._handles = {f: safe_open(f, framework="numpy") for f in files}
+    self._bf16_handles = {}  # file -> its flax handle, opened at the first bfloat16 read
     self._file: dict[str, str] = {}
     for f, handle in self._handles.items():
       for name in handle.keys():
@@ -94,6 +95,7 @@ class SafetensorsReader:
 
   def __exit__(self, *exc):
     self._handles.clear()
+    self._bf16_handles.clear()
 
   def shapes(self) -> dict[str, tuple[int, ...]]:
     """{tensor name: shape}, from the headers only."""
@@ -115,9 +117,11 @@ class SafetensorsReader:
       return part[index]
     # safetensors' numpy slices do not know bfloat16; its flax ones do (kept on the host when
     # JAX has its CPU backend).
+    file = self._file[name]
+    if file not in self._bf16_handles:
+      self._bf16_handles[file] = safe_open(file, framework="flax")
     with jax.default_device(_host_device()):
-      with safe_open(self._file[name], framework="flax") as f:
-        return np.asarray(f.get_slice(name)[index])
+      return np.asarray(self._bf16_handles[file].get_slice(name)[index])
 
   def check_used(self, used: Iterable[str]) -> None:
     """ConvertError naming the checkpoint's tensors not in `used`, and `used` ones missing."""
@@ -138,10 +142,11 @@ def parse_size(size: int | str) -> int:
   if isinstance(size, int):
     return size
   match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", size.upper())
-  if match is None or int(float(match.group(1)) * _UNITS[match.group(2) or ""]) <= 0:
+  size_bytes = 0 if match is None else int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+  if size_bytes <= 0:
     raise ConvertError(f"max_shard_size={size!r} is not a size: give bytes or e.g. '5GB', "
                        "'500MB', '2GiB'.")
-  return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+  return size_bytes
 
 
 class _ShardWriter:
@@ -151,14 +156,15 @@ class _ShardWriter:
   def __init__(self, tmp: str, max_bytes: int):
     self.tmp, self.max_bytes = tmp, max_bytes
     self.current: dict[str, np.ndarray] = {}
+    self.current_bytes = 0
     self.shards: list[list[str]] = []
     self.total = 0
 
   def add(self, name: str, tensor: np.ndarray) -> None:
-    size = sum(t.nbytes for t in self.current.values())
-    if self.current and size + tensor.nbytes > self.max_bytes:
+    if self.current and self.current_bytes + tensor.nbytes > self.max_bytes:
       self.flush()
     self.current[name] = np.ascontiguousarray(tensor)
+    self.current_bytes += tensor.nbytes
     self.total += tensor.nbytes
 
   def flush(self) -> None:
@@ -166,7 +172,7 @@ class _ShardWriter:
       save_file(self.current, os.path.join(self.tmp, f"shard-{len(self.shards)}"),
                 metadata={"format": "pt"})  # transformers refuses files without "format"
       self.shards.append(list(self.current))
-      self.current = {}
+      self.current, self.current_bytes = {}, 0
 
   def finish(self) -> None:
     self.flush()
