@@ -134,7 +134,7 @@ def check_positive(config, names: tuple[str, ...]) -> None:
 _BINDING_START = re.compile(r"^([A-Za-z_][\w./]*)\s*=\s*(.*)$")
 
 
-def _operative_bindings(text: str) -> dict[str, str]:
+def operative_bindings(text: str) -> dict[str, str]:
   """{`Class.param` (or `scope/Class.param`, a macro): value} of an operative gin text.
 
   A binding starts at column 0; the lines after it that are not comments or blank (indented,
@@ -155,7 +155,7 @@ def _operative_bindings(text: str) -> dict[str, str]:
 def binding_changes(old: str, new: str) -> list[str]:
   """What differs between two operative gin texts (`gin.operative_config_str()`), one line a
   binding in name order: "ModelConfig.d_model: 32 -> 64", "added X.y = v", "removed X.y = v"."""
-  before, after = _operative_bindings(old), _operative_bindings(new)
+  before, after = operative_bindings(old), operative_bindings(new)
   changes = []
   for name in sorted(before.keys() | after.keys()):
     if name not in after:

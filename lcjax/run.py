@@ -58,6 +58,9 @@ class TrainConfig:
   # (start, stop): a jax.profiler trace of steps start..stop (1-based, inclusive) in
   # DIR/profile/ (lcjax.train.profile); None: no trace.
   profile_steps: tuple[int, int] | None = None
+  # A Weights & Biases project to copy the step and eval metrics to (lcjax.train.wandb_log);
+  # None: TensorBoard and metrics.jsonl only.
+  wandb_project: str | None = None
 
   def __post_init__(self):
     if isinstance(self.stages, list):  # gin gives a list

@@ -25,14 +25,16 @@ from lcjax.errors import CheckpointMismatchError, ConfigError, NonFiniteLossErro
 from lcjax.eval.evaluate import evaluate
 from lcjax.eval.suite import EvalConfig, InLoop
 from lcjax.parallel import sharding
-from lcjax.run import Run, Setup, build, load_eval_batches
+from lcjax.run import Run, Setup, TrainConfig, build, load_eval_batches
 from lcjax.train import flops, init_from, stages
 from lcjax.train import state as train_state
 from lcjax.train.checkpoint import Checkpointer
+from lcjax.train.memory import device_memory
 from lcjax.train.metrics import MetricsWriter, Throughput
 from lcjax.train.profile import StepProfiler
 from lcjax.train.shapes import array_differences
 from lcjax.train.step import make_train_step
+from lcjax.train.wandb_log import WandbLog
 from lcjax.workdir import prepare_workdir
 
 
@@ -53,7 +55,7 @@ def train(workdir: str, run: Run | None = None) -> dict:
     _describe(workdir, setups[0], config, start)
 
     # ---- Outputs: metrics and progress bar (process 0), the summary returned.
-    writer, bar = _progress(workdir, run.train.steps, start, cleanup)
+    writer, bar = _progress(workdir, run.train, start, config, cleanup)
     loop = _Loop(ckpt, _PendingMetrics(ckpt, run, start), writer, bar, config,
                  {"stages": [s.record() for s in run.train.stages]},
                  _summary(workdir, ckpt), cleanup.enter_context(_sigterm_flag()),
@@ -246,12 +248,14 @@ def _jit_train_step(setup: Setup, accum_steps: int):
                  out_shardings=(setup.shardings, setup.replicated), donate_argnums=0)
 
 
-def _progress(workdir: str, steps: int, start: int, cleanup: contextlib.ExitStack):
+def _progress(workdir: str, cfg: TrainConfig, start: int, config: str,
+              cleanup: contextlib.ExitStack):
   """(metrics writer, progress bar), both silent off process 0, closed with `cleanup`."""
   is_main = jax.process_index() == 0
+  wandb = WandbLog(cfg.wandb_project, workdir, config) if is_main and cfg.wandb_project else None
   writer = cleanup.enter_context(contextlib.closing(
-      MetricsWriter(workdir, start=start, enabled=is_main)))
-  bar = cleanup.enter_context(tqdm.tqdm(total=steps, initial=start, disable=not is_main,
+      MetricsWriter(workdir, start=start, enabled=is_main, wandb=wandb)))
+  bar = cleanup.enter_context(tqdm.tqdm(total=cfg.steps, initial=start, disable=not is_main,
                                         dynamic_ncols=True, mininterval=1.0))
   return writer, bar
 
@@ -335,6 +339,7 @@ def _log(step: int, fetched: list, throughput: Throughput, writer: MetricsWriter
   _, metrics = fetched[-1]
   logged = {k: float(v) for k, v in metrics.items() if k != "loss_tokens"}
   logged.update(throughput.report())
+  logged.update(device_memory())
   logged.update(stage=p.index, sequence_length=p.run.data.sequence_length)
   writer.write(step, logged)
   bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{logged['lr']:.1e}")

@@ -18,8 +18,8 @@ class MetricsWriter:
   older files' events from that step on.
   """
 
-  def __init__(self, workdir: str, start: int = 0, enabled: bool = True):
-    self.enabled = enabled
+  def __init__(self, workdir: str, start: int = 0, enabled: bool = True, wandb=None):
+    self.enabled, self._wandb = enabled, wandb  # wandb: a WandbLog that gets the same scalars
     if enabled:
       path = os.path.join(workdir, "metrics.jsonl")
       _drop_lines_after(path, start)
@@ -37,6 +37,8 @@ class MetricsWriter:
       if value is not None:
         self._tb.add_scalar(key, value, step)
     self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.write(step, clean)
 
   def write_images(self, step: int, images: dict) -> None:
     """{tag: uint8 `[height, width, 3]`} to TensorBoard (the eval heatmaps)."""
@@ -50,6 +52,8 @@ class MetricsWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.close()
 
 
 def _drop_lines_after(path: str, step: int) -> None:
