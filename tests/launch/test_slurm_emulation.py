@@ -13,7 +13,8 @@ import pytest
 
 from lcjax.launch.common import train_command
 from lcjax.launch.slurm import SlurmSettings, sbatch_script
-from tests.parallel.test_multiprocess import ACROSS, COMMON, FOUR_CPUS, assert_matches_one_process
+from tests.parallel.test_multiprocess import (ACROSS, FOUR_CPUS, TINY_RUN,
+                                              assert_matches_one_process)
 from tests.train.runs import DEMO_GIN, REPO
 
 # srun for one node: the command once per task, each with its SLURM_PROCID / SLURM_LOCALID and
@@ -48,7 +49,7 @@ def job_id_with_a_free_port() -> int:
 @pytest.mark.slow
 def test_the_sbatch_script_trains_two_tasks_as_one_process(tmp_path, monkeypatch):
   workdir = tmp_path / "slurm"
-  command = train_command(sys.executable, [DEMO_GIN], COMMON + ACROSS, str(workdir))
+  command = train_command(sys.executable, [DEMO_GIN], TINY_RUN + ACROSS, str(workdir))
   script = tmp_path / "job.sbatch"
   script.write_text(sbatch_script(command, SlurmSettings(nodes=1, gpus_per_node=2)))
   bin_dir, logs = tmp_path / "bin", tmp_path / "logs"
@@ -68,4 +69,4 @@ def test_the_sbatch_script_trains_two_tasks_as_one_process(tmp_path, monkeypatch
   tasks = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs.iterdir()))
   assert done.returncode == 0, f"{done.stdout}{done.stderr}\n{tasks}"
   assert "DistributedConfig.coordinator_address" not in script.read_text()
-  assert_matches_one_process(workdir, tmp_path, monkeypatch)
+  assert_matches_one_process(workdir, TINY_RUN, tmp_path, monkeypatch)

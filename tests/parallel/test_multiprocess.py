@@ -22,22 +22,23 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-# Tiny hybrid, 3 steps; process 0 holds devices 0-3 and process 1 devices 4-7: the 8-way
-# sequence ring crosses them, so both processes load the same rows and each feeds its half of
-# every row (tests/launch/test_slurm_emulation.py starts the same run through SLURM's variables).
-COMMON = bindings(TrainConfig__steps=STEPS, TrainConfig__eval_every=STEPS,
-                  TrainConfig__checkpoint_every=STEPS) + HYBRID
+# The tiny model, 3 steps (a hybrid here; tests/launch/test_slurm_emulation.py uses TINY's own).
+# Process 0 holds devices 0-3 and process 1 devices 4-7: the 8-way sequence ring crosses them,
+# so both processes load the same rows and each feeds its half of every row.
+TINY_RUN = bindings(TrainConfig__steps=STEPS, TrainConfig__eval_every=STEPS,
+                    TrainConfig__checkpoint_every=STEPS)
+COMMON = TINY_RUN + HYBRID
 ACROSS = ["MeshConfig.data = 1", "MeshConfig.sequence = 8", "SequenceConfig.layout = 'zigzag'"]
 # Each process: 4 fake CPU devices.
 FOUR_CPUS = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
 
 
-def assert_matches_one_process(workdir, tmp_path, monkeypatch) -> None:
-  """The two-process run in `workdir` (COMMON + ACROSS) logged the losses one process on one
+def assert_matches_one_process(workdir, common, tmp_path, monkeypatch) -> None:
+  """The two-process run in `workdir` (`common` + ACROSS) logged the losses one process on one
   device logs, and its checkpoint holds both processes' data-iterator states."""
   devices = jax.devices()
   monkeypatch.setattr("lcjax.parallel.mesh.jax.devices", lambda: devices[:1])
-  one = train_in_process(tmp_path / "one", COMMON + ["MeshConfig.data = 1"])
+  one = train_in_process(tmp_path / "one", common + ["MeshConfig.data = 1"])
   got, want = train_losses(workdir), train_losses(tmp_path / "one")
   np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)],
                              [want[s] for s in range(1, STEPS + 1)], rtol=2e-5)
@@ -65,4 +66,4 @@ def test_two_processes_with_the_sequence_axis_across_them(tmp_path, monkeypatch)
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for pid, (p, out) in enumerate(zip(procs, outputs)):
     assert p.returncode == 0, f"process {pid} failed:\n{out[-4000:]}"
-  assert_matches_one_process(workdir, tmp_path, monkeypatch)
+  assert_matches_one_process(workdir, COMMON, tmp_path, monkeypatch)
