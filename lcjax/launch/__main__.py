@@ -2,6 +2,7 @@
 TPU pod or under SLURM (`--help` after the target lists its flags). Exit status: the launched
 command's; 2 for bad flags (one line, `Error: ...`)."""
 
+import argparse
 import sys
 
 from lcjax.cli import error_paragraph
@@ -16,7 +17,8 @@ def main(argv: list[str]) -> int:
   targets = parser.add_subparsers(dest="target", required=True, parser_class=common.Parser)
   for name, module in TARGETS.items():
     module.add_flags(targets.add_parser(name, help=module.__doc__.split("\n\n")[0],
-                                        description=module.__doc__))
+                                        description=module.__doc__,
+                                        formatter_class=argparse.RawDescriptionHelpFormatter))
   args = parser.parse_args(argv)
   try:
     return TARGETS[args.target].main(args)
