@@ -5,7 +5,7 @@ import shlex
 
 import pytest
 
-from lcjax.launch import slurm, tpu
+from lcjax.launch import slurm
 from lcjax.launch.__main__ import main
 
 TRAIN = ["--gin_file=configs/demo.gin", "--gin_bindings=MeshConfig.fsdp = 4",
