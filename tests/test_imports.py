@@ -2,7 +2,9 @@
 a lower one. Read from the source (ast), nothing is imported.
 
     base (lcjax, lcjax.config, lcjax.errors, lcjax.cli, lcjax.workdir) < kernels < parallel
-      < models < data < run < train / eval < CLIs
+      < models < data < run < train / eval < launch < CLIs
+
+lcjax.launch runs where JAX may not be installed: it loads nothing that imports jax.
 """
 
 import ast
@@ -25,6 +27,8 @@ LAYERS = [
     # The configs a run is assembled from live here too: the optimizer, state and stages.
     ("run", ("lcjax.run", "lcjax.train.optim", "lcjax.train.state", "lcjax.train.stages")),
     ("train/eval", ("lcjax.train", "lcjax.eval", "lcjax.convert")),
+    # CLI level: it starts lcjax.train in other processes and imports none of the above.
+    ("launch", ("lcjax.launch",)),
 ]
 CLI_LAYER = len(LAYERS)  # lcjax.<package>.__main__
 PACKAGES = sorted({m.split(".")[1] if "." in m else m for _, ms in LAYERS for m in ms})
@@ -190,3 +194,17 @@ def _defines_configurable(module: str) -> bool:
 def test_each_cli_imports_every_configurable_before_parsing(cli):
   configurable = {m for m in MODULES if _defines_configurable(m)}
   assert configurable - _loaded_by(cli) == set()
+
+
+def _imports_jax(module: str) -> bool:
+  with open(MODULES[module]) as f:
+    tree = ast.parse(f.read())
+  names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+  names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+  return any(n == "jax" or n.startswith(("jax.", "jaxlib", "flax", "orbax")) for n in names)
+
+
+def test_launch_loads_no_jax():
+  loaded = _loaded_by("lcjax.launch.__main__")
+  assert "lcjax.launch.slurm" in loaded and "lcjax.launch.tpu" in loaded
+  assert sorted(m for m in loaded if _imports_jax(m)) == []
