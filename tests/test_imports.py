@@ -2,7 +2,7 @@
 a lower one. Read from the source (ast), nothing is imported.
 
     base (lcjax, lcjax.config, lcjax.errors, lcjax.cli, lcjax.workdir) < kernels < parallel
-      < models < data < run < train / eval < CLIs
+      < models < data < run < train / eval < sweep, CLIs
 """
 
 import ast
@@ -25,6 +25,8 @@ LAYERS = [
     # The configs a run is assembled from live here too: the optimizer, state and stages.
     ("run", ("lcjax.run", "lcjax.train.optim", "lcjax.train.state", "lcjax.train.stages")),
     ("train/eval", ("lcjax.train", "lcjax.eval", "lcjax.convert")),
+    # Sweeps start the CLIs as processes and read what they write: at the CLIs' level.
+    ("sweep", ("lcjax.sweep",)),
 ]
 CLI_LAYER = len(LAYERS)  # lcjax.<package>.__main__
 PACKAGES = sorted({m.split(".")[1] if "." in m else m for _, ms in LAYERS for m in ms})
