@@ -44,7 +44,8 @@ def _eval_results(workdir: epath.Path) -> dict:
     path = directory / str(step) / "results.json"
     if path.exists():
       results = json.loads(path.read_text())
-      flat = {f"eval/{k}": v for k, v in results.get("metrics", {}).items()}
+      flat = {(k if k.startswith("eval/") else f"eval/{k}"): v
+              for k, v in results.get("metrics", {}).items()}
       return {**flat, **scalars(results.get("probes", {}))}
   return {}
 

@@ -111,9 +111,12 @@ def run_cell(grid, cell: Cell, root, steps: int, where: Placement,
   done = code == 0 and step >= steps and (not grid.get("eval", None) or
                                           evaluated(root, cell, steps))
   error = None
-  if not done:
-    error = (status.last_error_line(status.read_log(root, cell.name)) if code else
-             f"stopped at step {step} of {steps} (preempted?): rerun the sweep to resume")
+  if code:
+    error = status.last_error_line(status.read_log(root, cell.name))
+  elif step < steps:
+    error = f"stopped at step {step} of {steps} (preempted?): rerun the sweep to resume"
+  elif not done:
+    error = f"lcjax.eval wrote no eval/{steps}/results.json: see {status.LOG}"
   status.write_status(root, cell.name, state="done" if done else "failed", exit_code=code,
                       step=step, finished=time.time(), error=error, **base)
   return "done" if done else "failed"

@@ -113,7 +113,8 @@ def test_dry_run_prints_train_and_eval_per_cell(tmp_path):
   train, evaluate = map(shlex.split, printed)
   workdir = f"--workdir={tmp_path}/pattern=A-A-A-A-_peak_learning_rate=0.01_seed=0"
   assert train[1:4] == ["-m", "lcjax.train", workdir]
-  assert evaluate[1:4] == ["-m", "lcjax.eval", workdir] and evaluate[-1] == "--suite=ppl_by_position"
+  assert evaluate[1:4] == ["-m", "lcjax.eval", workdir]
+  assert evaluate[-1] == "--suite=ppl_by_position"
   assert "--gin_bindings=OptimConfig.peak_learning_rate = 0.01" in train
 
 
