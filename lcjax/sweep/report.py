@@ -3,7 +3,7 @@ results) -> ROOT/results.csv, ROOT/report.md and PNGs: the chosen metric against
 and every cell's training-loss curve. Reads and writes through etils.epath (ROOT may be gs://).
 
 Against axis A, one line per value of another axis B (the first other one that is not "seed");
-the points average over the rest (seeds included), with their min-max as a shaded band.
+the points average the done cells over the rest (seeds included), their min-max shaded.
 """
 
 import csv
@@ -87,13 +87,15 @@ def write_csv(path: epath.Path, cols: list[str], rows: list[dict]) -> None:
 
 
 def markdown(cols: list[str], rows: list[dict], metric: str, plots: list[str]) -> str:
-  shown = [c for c in cols if "/" not in c or c == metric]  # the wide eval columns: CSV only
+  # The table keeps to the axes, the loss and the chosen metric; results.csv has every column.
+  shown = [c for c in cols if c in (*cols[:cols.index("step") + 1], "loss", metric)]
   lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
   lines += ["| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|") for c in shown) + " |"
             for r in rows]
   images = [f"![{p}]({p})" for p in plots]
   return "\n".join([f"# Sweep results ({len(rows)} cells)", "",
-                    f"Every column, eval results included: results.csv. Plots of `{metric}`.",
+                    f"Every column, eval results included: results.csv. Plots of `{metric}` "
+                    "(done cells only).",
                     "", *lines, "", *images, ""])
 
 
@@ -106,7 +108,7 @@ def _series(grid, rows: list[dict], metric: str, axis: str):
   for line_value in (values[other] if other else [None]):
     stats = []
     for x in values[axis]:
-      ys = [r[metric] for r in rows if r.get(axis) == x and metric in r
+      ys = [r[metric] for r in rows if r.get(axis) == x and r["state"] == "done"
             and (other is None or r.get(other) == line_value)
             and isinstance(r[metric], (int, float)) and math.isfinite(r[metric])]
       stats.append((np.mean(ys), min(ys), max(ys)) if ys else (np.nan,) * 3)

@@ -76,7 +76,7 @@ def test_live_sweep_fails_one_cell_resumes_and_reports(tmp_path):
   rows = {r["cell"]: r for r in commands.status_rows(grid, root)}
   assert [rows[n]["state"] for n in (good, bad, other)] == ["done", "failed", "done"]
   assert rows[good]["step"] == 3 and rows[good]["exit"] == 0
-  assert rows[bad]["exit"] == 1 and "non-finite" in rows[bad]["error"].lower()
+  assert rows[bad]["exit"] == 1 and "diverged" in rows[bad]["error"]
   table = commands.status_table(commands.status_rows(grid, root))
   assert "2 done, 0 running, 1 failed, 0 pending" in table
 
