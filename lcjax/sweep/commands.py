@@ -40,11 +40,11 @@ def run(grid_path: str, root: str, parallel: int = 1, dry_run: bool = False,
     return {}
   backend = backend or detect_backend()
   devices = placement.host_devices(backend)
-  # A single chosen cell (a job array's task) gets the whole host.
-  parallel = max(1, min(parallel, len(chosen)))
+  start, skipped = runner.to_run(root, chosen)
+  # Fewer cells than slots (a job array's one cell) share the host between them.
+  parallel = max(1, min(parallel, len(start)))
   slots = [placement.placement(backend, devices, parallel, s, os.environ.get("XLA_FLAGS", ""))
            for s in range(parallel)]
-  start, skipped = runner.to_run(root, chosen)
   for name, state in skipped.items():
     say(f"skip   {name} ({state})")
   states = runner.run_cells(grid, start, root, steps, slots, say=say)
