@@ -6,4 +6,5 @@ a status table and a results report (CSV, markdown, plots). experiments/sweep.py
   status   -> one small JSON file per cell: state, times, exit code, last error line
   runner   -> the commands, the cells' subprocesses, skipping done cells on a rerun
   report   -> results.csv, report.md and PNGs from each cell's metrics and eval results
+  commands -> the run / status / report subcommands, assembled from the above
 """
