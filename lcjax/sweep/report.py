@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import re
 
 import numpy as np
 from etils import epath
@@ -90,8 +91,8 @@ def markdown(cols: list[str], rows: list[dict], metric: str, plots: list[str]) -
   # The table keeps to the axes, the loss and the chosen metric; results.csv has every column.
   shown = [c for c in cols if c in (*cols[:cols.index("step") + 1], "loss", metric)]
   lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-  lines += ["| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|") for c in shown) + " |"
-            for r in rows]
+  escape = lambda text: re.sub(r"([|*])", r"\\\1", text)  # noqa: E731  (markdown marks)
+  lines += ["| " + " | ".join(escape(_fmt(r.get(c))) for c in shown) + " |" for r in rows]
   images = [f"![{p}]({p})" for p in plots]
   return "\n".join([f"# Sweep results ({len(rows)} cells)", "",
                     f"Every column, eval results included: results.csv. Plots of `{metric}` "
@@ -155,6 +156,7 @@ def plot_curves(curves: dict, path: epath.Path) -> None:
       ax.plot(*zip(*points), label=name, linewidth=1)
   ax.set_xlabel("step")
   ax.set_ylabel("train loss")
+  ax.set_yscale("log")  # early losses can be 10x the final ones
   ax.set_title("training loss of every cell", fontsize=9)
   ax.legend(fontsize=6, ncol=2)
   _save(fig, path)
