@@ -1,64 +1,58 @@
-"""Run (or print) every cell of an experiment grid.
+"""Run a grid of lcjax.train runs concurrently, see where it stands, and report its results.
 
-A grid is a Python file in experiments/ whose `get_config()` returns an ml_collections
-ConfigDict with:
-  gin_files: gin files every cell uses
-  bindings:  gin bindings every cell uses
-  axes:      list of (gin parameter, list of values); the grid is their product
-Each cell becomes one `python -m lcjax.train` run with the cell's values as extra bindings,
-in ROOT/<cell name>. Re-running the sweep resumes every cell from its checkpoints.
+    python experiments/sweep.py run GRID --root=DIR [--parallel=N] [--dry_run]
+                                         [--cell=NAME | --cell_index=I] [--backend=cpu|gpu|tpu]
+    python experiments/sweep.py status GRID --root=DIR
+    python experiments/sweep.py report GRID --root=DIR [--metric=NAME]
 
-    python experiments/sweep.py experiments/lr_x_pattern.py --root=runs/sweep [--dry_run]
+GRID is a Python file with get_config() (lcjax/sweep/grid.py documents it; e.g.
+experiments/lr_x_pattern.py). Each cell trains in DIR/<cell> (then is evaluated when the grid
+has `eval`), its output in DIR/<cell>/sweep.log; up to N at once, each pinned to its share of
+the host's cores, GPUs or TPU chips. Every cell is validated before any starts. A failed cell
+does not stop the others; running again skips done cells and resumes the rest. `report` writes
+DIR/results.csv, DIR/report.md and PNGs. DIR may be gs://. Run from the repository root.
+Exit status: 0 every cell done (or nothing to do), 1 some cell failed, 2 a grid or flag error.
 """
 
 import argparse
-import importlib.util
-import itertools
-import os
-import re
-import shlex
-import subprocess
 import sys
 
-
-def load_grid(path: str):
-  spec = importlib.util.spec_from_file_location("grid", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from lcjax.cli import report_errors
+from lcjax.sweep import commands
 
 
-def cells(grid) -> list[tuple[str, list[str]]]:
-  """[(cell name, gin bindings)] for the product of the grid's axes."""
-  names = [name for name, _ in grid.axes]
-  cells = []
-  for values in itertools.product(*(values for _, values in grid.axes)):
-    bindings = list(grid.bindings) + [f"{n} = {v!r}" for n, v in zip(names, values)]
-    # Directory-safe names: "*" (attention in a layer pattern) becomes "A".
-    label = "_".join(f"{n.split('.')[-1]}={v}" for n, v in zip(names, values)).replace("*", "A")
-    cells.append((re.sub(r"[^A-Za-z0-9_.=-]+", "", label) or "base", bindings))
-  return cells
-
-
-def command(grid, bindings: list[str], workdir: str) -> list[str]:
-  cmd = [sys.executable, "-m", "lcjax.train", f"--workdir={workdir}"]
-  cmd += [f"--gin_file={f}" for f in grid.gin_files]
-  return cmd + [f"--gin_bindings={b}" for b in bindings]
-
-
-def main():
+def parse(argv: list[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("grid")
-  p.add_argument("--root", default="runs/sweep")
-  p.add_argument("--dry_run", action="store_true", help="print the commands only")
-  args = p.parse_args()
-  grid = load_grid(args.grid)
-  for name, bindings in cells(grid):
-    cmd = command(grid, bindings, os.path.join(args.root, name))
-    print(shlex.join(cmd), flush=True)
-    if not args.dry_run:
-      subprocess.run(cmd, check=True)
+  sub = p.add_subparsers(dest="command", required=True)
+  for name in ("run", "status", "report"):
+    s = sub.add_parser(name)
+    s.add_argument("grid", help="grid file, e.g. experiments/lr_x_pattern.py")
+    s.add_argument("--root", required=True, help="the sweep's directory (local or gs://)")
+    if name == "run":
+      s.add_argument("--parallel", type=int, default=1, help="cells at once (default 1)")
+      s.add_argument("--dry_run", action="store_true", help="print the commands only")
+      which = s.add_mutually_exclusive_group()
+      which.add_argument("--cell", help="run only the cell of this name")
+      which.add_argument("--cell_index", type=int, help="run only cell I (a job array's task)")
+      s.add_argument("--backend", choices=("cpu", "gpu", "tpu"),
+                     help="how to split the host (default: detected)")
+    if name == "report":
+      s.add_argument("--metric", default="loss", help="metric to plot (default: loss)")
+  return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> None:
+  args = parse(argv)
+  if args.command == "run":
+    states = commands.run(args.grid, args.root, args.parallel, args.dry_run, args.cell,
+                          args.cell_index, args.backend)
+    sys.exit(1 if any(s == "failed" for s in states.values()) else 0)
+  if args.command == "status":
+    print(commands.status_table(commands.status_rows(args.grid, args.root)))
+    return
+  for path in commands.make_report(args.grid, args.root, args.metric):
+    print(path)
 
 
 if __name__ == "__main__":
-  main()
+  report_errors(main, sys.argv[1:])

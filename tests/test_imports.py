@@ -2,7 +2,7 @@
 a lower one. Read from the source (ast), nothing is imported.
 
     base (lcjax, lcjax.config, lcjax.errors, lcjax.cli, lcjax.workdir) < kernels < parallel
-      < models < data < run < train / eval < launch < CLIs
+      < models < data < run < train / eval < launch < sweep < CLIs
 
 lcjax.launch runs where JAX may not be installed: it loads nothing that imports jax.
 """
@@ -29,6 +29,9 @@ LAYERS = [
     ("train/eval", ("lcjax.train", "lcjax.eval", "lcjax.convert")),
     # CLI level: it starts lcjax.train in other processes and imports none of the above.
     ("launch", ("lcjax.launch",)),
+    # Sweeps start the CLIs as processes (locally or as a SLURM job array) and read what they
+    # write: at the CLIs' level.
+    ("sweep", ("lcjax.sweep",)),
 ]
 CLI_LAYER = len(LAYERS)  # lcjax.<package>.__main__
 PACKAGES = sorted({m.split(".")[1] if "." in m else m for _, ms in LAYERS for m in ms})

@@ -1,25 +1,34 @@
-"""Every grid in experiments/ expands into cells whose bindings gin accepts."""
+"""Grids: every grid in experiments/ expands into valid runs; grid errors stop a sweep before
+any cell starts, naming the cell and the binding; the README's sweep commands dry-run."""
 
 import glob
-import importlib.util
 import os
+import re
+import shlex
 
 import gin
 import pytest
 
 from lcjax.config import parse_gin
-from lcjax.data.pipeline import DataConfig
-from lcjax.models.config import ModelConfig
+from lcjax.errors import ConfigError
 from lcjax.run import Run
+from lcjax.sweep import commands, runner
+from lcjax.sweep import grid as grids
 from tests.train.runs import REPO
-
-_spec = importlib.util.spec_from_file_location("sweep", os.path.join(REPO, "experiments", "sweep.py"))
-sweep = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sweep)
 
 # A grid is a file with get_config() (experiments/ also holds scripts, e.g. demo_retrieval.py).
 GRIDS = [g for g in glob.glob(os.path.join(REPO, "experiments", "*.py"))
          if "\ndef get_config(" in open(g).read()]
+LR_X_PATTERN = os.path.join(REPO, "experiments", "lr_x_pattern.py")
+
+
+def write_grid(tmp_path, axes, bindings=(), extra=""):
+  path = tmp_path / "grid.py"
+  path.write_text(
+      "import ml_collections\n\n\ndef get_config():\n"
+      "  c = ml_collections.ConfigDict()\n  c.gin_files = ['configs/demo.gin']\n"
+      f"  c.bindings = {list(bindings)!r}\n  c.axes = {axes!r}\n{extra}  return c\n")
+  return str(path)
 
 
 def test_there_are_grids():
@@ -28,31 +37,111 @@ def test_there_are_grids():
 
 @pytest.mark.parametrize("path", GRIDS, ids=os.path.basename)
 def test_grid_cells_are_valid_runs(path):
-  grid = sweep.load_grid(path)
-  cells = sweep.cells(grid)
-  assert len(cells) == len({name for name, _ in cells})  # distinct work directories
+  grid = grids.load_grid(path)
+  cells = grids.expand(grid)
   expected = 1
   for _, values in grid.axes:
     expected *= len(values)
-  assert len(cells) == expected
-  for _, bindings in cells:
-    gin.clear_config()
-    try:
-      parse_gin([os.path.join(REPO, f) for f in grid.gin_files], bindings)
-      run = Run.from_gin()  # type checks and validation of every config
-      assert isinstance(run.model, ModelConfig) and isinstance(run.data, DataConfig)
-    finally:
-      gin.clear_config()
+  assert len(cells) == expected == len({c.name for c in cells})
+  steps = grids.validate(grid, cells, REPO)
+  assert set(steps) == {c.name for c in cells} and all(s > 0 for s in steps.values())
 
 
 def test_cell_values_reach_the_configs():
-  grid = sweep.load_grid(os.path.join(REPO, "experiments", "lr_x_pattern.py"))
-  name, bindings = sweep.cells(grid)[-1]
+  grid = grids.load_grid(LR_X_PATTERN)
+  cell = grids.expand(grid)[-1]
   gin.clear_config()
   try:
-    parse_gin([os.path.join(REPO, "configs", "demo.gin")], bindings)
+    parse_gin([os.path.join(REPO, f) for f in grid.gin_files], list(cell.bindings))
     run = Run.from_gin()
   finally:
     gin.clear_config()
   assert run.optim.peak_learning_rate == 1e-2 and run.model.pattern == "*-*-"
-  assert "peak_learning_rate=0.01" in name
+  assert run.train.seed == 1 and run.data.seed == 1  # the seed axis binds both seeds
+  assert cell.name == "pattern=A-A-_peak_learning_rate=0.01_seed=1" and cell.index == 7
+
+
+def test_expand_names_values_and_order(tmp_path):
+  grid = grids.load_grid(write_grid(tmp_path, [("OptimConfig.peak_learning_rate", [0.1, 0.2]),
+                                               ("seed", [3])], ["TrainConfig.steps = 5"]))
+  cells = grids.expand(grid)
+  assert [c.name for c in cells] == ["peak_learning_rate=0.1_seed=3",
+                                     "peak_learning_rate=0.2_seed=3"]
+  assert cells[1].bindings == ("TrainConfig.steps = 5", "OptimConfig.peak_learning_rate = 0.2",
+                               "TrainConfig.seed = 3", "DataConfig.seed = 3")
+  assert grids.select(cells, index=1) == [cells[1]]
+  assert grids.select(cells, name=cells[0].name) == [cells[0]]
+  with pytest.raises(ConfigError, match=r"No cell --cell_index=5 .* 0: peak_learning_rate=0.1"):
+    grids.select(cells, index=5)
+
+
+@pytest.mark.parametrize("axes, bindings, message", [
+    ([("OptimConfig.peak_learning_rate", [])], [],
+     r"axis 'OptimConfig.peak_learning_rate' has no values"),
+    ([("ModelConfig.pattern", ["*-", "*+-"])], [],
+     r"cells 0 and 1 are both named 'pattern=A-'"),
+    ([("OptimConfig.peak_learning_rate", [1e-3, 2e-3])], ["OptimConfig.no_such_field = 1"],
+     r"cell 0 \(peak_learning_rate=0.001\) is not a valid run.*no_such_field"),
+    # Only the second cell is wrong: its value is out of range.
+    ([("TrainConfig.steps", [5, -1])], [],
+     r"cell 1 \(steps=-1\) is not a valid run"),
+])
+def test_grid_errors_stop_the_sweep_before_any_cell_starts(tmp_path, axes, bindings, message):
+  path = write_grid(tmp_path, axes, bindings)
+  root = tmp_path / "root"
+  with pytest.raises(ConfigError, match=message):
+    commands.run(path, str(root), parallel=2, say=lambda _: None)
+  assert not root.exists()  # nothing started
+
+
+def test_an_unparsable_value_names_the_cell(tmp_path):
+  path = write_grid(tmp_path, [("TrainConfig.steps", [5])], ["TrainConfig.steps = ("])
+  with pytest.raises(ConfigError, match=r"cell 0 \(steps=5\) is not a valid run"):
+    commands.run(path, str(tmp_path / "root"), dry_run=True, say=lambda _: None)
+
+
+def test_cell_command_runs_one_cell_by_index():
+  assert runner.cell_command("experiments/lr_x_pattern.py", "gs://b/sweep", "$SLURM_ARRAY_TASK_ID",
+                             python="python") == [
+      "python", "experiments/sweep.py", "run", "experiments/lr_x_pattern.py",
+      "--root=gs://b/sweep", "--cell_index=$SLURM_ARRAY_TASK_ID"]
+
+
+def test_dry_run_prints_train_and_eval_per_cell(tmp_path):
+  printed = []
+  commands.run(LR_X_PATTERN, str(tmp_path), dry_run=True, cell_index=2, say=printed.append)
+  train, evaluate = map(shlex.split, printed)
+  workdir = f"--workdir={tmp_path}/pattern=A-A-A-A-_peak_learning_rate=0.01_seed=0"
+  assert train[1:4] == ["-m", "lcjax.train", workdir]
+  assert evaluate[1:4] == ["-m", "lcjax.eval", workdir]
+  assert evaluate[-1] == "--suite=ppl_by_position"
+  assert "--gin_bindings=OptimConfig.peak_learning_rate = 0.01" in train
+
+
+def _readme_sweep_commands() -> list[str]:
+  text = open(os.path.join(REPO, "README.md")).read()
+  section = text.split("\n## Sweeps\n", 1)[1].split("\n## ", 1)[0]
+  return [c.strip() for c in re.findall(r"^python experiments/sweep.py .*$", section, re.M)]
+
+
+def test_readme_run_commands_parse_and_dry_run(tmp_path, monkeypatch):
+  monkeypatch.chdir(REPO)
+  cli, found = _cli(), _readme_sweep_commands()
+  assert {shlex.split(c)[2] for c in found} == {"run", "status", "report"}
+  for command in _readme_sweep_commands():
+    args = cli.parse(shlex.split(command)[2:])
+    assert os.path.isfile(args.grid)
+    if args.command == "run":
+      printed = []
+      commands.run(args.grid, str(tmp_path), args.parallel, True, args.cell, args.cell_index,
+                   say=printed.append)
+      assert printed and all("lcjax." in p for p in printed)
+
+
+def _cli():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("sweep_cli",
+                                                os.path.join(REPO, "experiments", "sweep.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -1,0 +1,91 @@
+"""The sweep CLI's subcommands (experiments/sweep.py parses the flags and calls these):
+run, status and report of a grid in ROOT. Every grid error stops `run` before any cell starts.
+"""
+
+import os
+import shlex
+
+from lcjax.errors import ConfigError
+from lcjax.sweep import grid as grids
+from lcjax.sweep import placement, report, runner, status
+
+
+def _cells(grid_path: str, cell: str | None = None, index: int | None = None):
+  grid = grids.load_grid(grid_path)
+  cells = grids.expand(grid)
+  return grid, cells, grids.select(cells, cell, index)
+
+
+def detect_backend() -> str:
+  """tpu when TPU chips are visible, else gpu when nvidia-smi lists one, else cpu."""
+  import shutil
+
+  if placement.host_devices("tpu"):
+    return "tpu"
+  if shutil.which("nvidia-smi") and placement.host_devices("gpu"):
+    return "gpu"
+  return "cpu"
+
+
+def run(grid_path: str, root: str, parallel: int = 1, dry_run: bool = False,
+        cell: str | None = None, cell_index: int | None = None, backend: str | None = None,
+        say=print) -> dict:
+  """Validates every cell, then runs the chosen ones not yet done; {name: state}."""
+  grid, cells, chosen = _cells(grid_path, cell, cell_index)
+  steps = grids.validate(grid, cells, runner.REPO)
+  if dry_run:
+    for c in chosen:
+      for cmd in runner.commands(grid, c, root):
+        say(shlex.join(cmd))
+    return {}
+  backend = backend or detect_backend()
+  devices = placement.host_devices(backend)
+  start, skipped = runner.to_run(root, chosen)
+  # Fewer cells than slots (a job array's one cell) share the host between them.
+  parallel = max(1, min(parallel, len(start)))
+  slots = [placement.placement(backend, devices, parallel, s, os.environ.get("XLA_FLAGS", ""))
+           for s in range(parallel)]
+  for name, state in skipped.items():
+    say(f"skip   {name} ({state})")
+  states = runner.run_cells(grid, start, root, steps, slots, say=say)
+  failed = [n for n, s in states.items() if s != "done"]
+  say(f"{len(states) - len(failed)} done, {len(failed)} failed, {len(skipped)} skipped"
+      + (f"; failed: {', '.join(failed)} (`status` shows why; rerun to retry)" if failed else ""))
+  return {**skipped, **states}
+
+
+def status_rows(grid_path: str, root: str) -> list[dict]:
+  """One row per cell: name, state, step / steps, seconds, exit code, error."""
+  _, cells, _ = _cells(grid_path)
+  rows = []
+  for c in cells:
+    state, record = status.state_of(root, c.name)
+    error = record.get("error") or ""
+    if state == "failed" and not error:
+      error = status.last_error_line(status.read_log(root, c.name))
+    end = record.get("finished") or record.get("updated")
+    rows.append({"index": c.index, "cell": c.name, "state": state,
+                 "step": status.last_step(status.cell_dir(root, c.name)),
+                 "steps": record.get("steps", ""),
+                 "seconds": round(end - record["started"]) if record.get("started") else "",
+                 "exit": record.get("exit_code", ""), "error": error})
+  return rows
+
+
+def status_table(rows: list[dict]) -> str:
+  keys = ["index", "cell", "state", "step", "steps", "seconds", "exit", "error"]
+  text = [[str(r[k]) for k in keys] for r in rows]
+  widths = [max(len(k), *(len(t[i]) for t in text)) for i, k in enumerate(keys)]
+  line = lambda cols: "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()  # noqa: E731
+  counts = {s: sum(r["state"] == s for r in rows) for s in status.STATES}
+  return "\n".join([line(keys), *map(line, text),
+                    ", ".join(f"{n} {s}" for s, n in counts.items())])
+
+
+def make_report(grid_path: str, root: str, metric: str = "loss") -> list[str]:
+  grid, cells, _ = _cells(grid_path)
+  if not any(status.cell_dir(root, c.name).exists() for c in cells):
+    raise ConfigError(f"No cell of {grid_path} has run in {root}: run the sweep first "
+                      f"(python experiments/sweep.py run {grid_path} --root={root}).")
+  return report.write_report(grid, cells, root, metric)
+

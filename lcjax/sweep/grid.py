@@ -1,0 +1,128 @@
+"""A grid file and its cells: expansion, names, and validation of every cell before any runs.
+
+A grid is a Python file whose `get_config()` returns an ml_collections ConfigDict with
+  gin_files: gin files every cell uses (paths relative to the repository root)
+  bindings:  gin bindings every cell uses
+  axes:      [(gin parameter, [values])]; the cells are their product. The parameter "seed"
+             binds both seeds of a run (TrainConfig.seed: initialization, DataConfig.seed:
+             data order), and the report averages over it.
+  eval:      optional, True or a list of probes: `python -m lcjax.eval` on each trained cell.
+"""
+
+import dataclasses
+import importlib.util
+import itertools
+import os
+import re
+
+from lcjax.errors import ConfigError
+
+SEED = "seed"
+SEED_BINDINGS = ("TrainConfig.seed", "DataConfig.seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  index: int
+  name: str
+  values: dict  # {axis parameter: value}
+  bindings: tuple[str, ...]  # the grid's own bindings, then the cell's
+
+
+def load_grid(path: str):
+  """The ConfigDict of grid file `path`; a ConfigError when it is not a grid."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"No grid file {path}: give a Python file with get_config() (e.g. "
+                      "experiments/lr_x_pattern.py).")
+  spec = importlib.util.spec_from_file_location("grid", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} has no get_config(): it is not a grid.")
+  grid = module.get_config()
+  for key in ("gin_files", "bindings", "axes"):
+    if key not in grid:
+      raise ConfigError(f"Grid {path} has no {key!r}: set c.{key} in its get_config().")
+  return grid
+
+
+def axis_names(grid) -> list[str]:
+  return [name for name, _ in grid.axes]
+
+
+def short(name: str) -> str:
+  """An axis' column label: the parameter's last part (ModelConfig.pattern -> pattern)."""
+  return name.split(".")[-1]
+
+
+def _label(names, values) -> str:
+  # Directory-safe: "*" (attention in a layer pattern) becomes "A".
+  label = "_".join(f"{short(n)}={v}" for n, v in zip(names, values)).replace("*", "A")
+  return re.sub(r"[^A-Za-z0-9_.=-]+", "", label) or "base"
+
+
+def _bindings(name: str, value) -> list[str]:
+  params = SEED_BINDINGS if name == SEED else (name,)
+  return [f"{p} = {value!r}" for p in params]
+
+
+def expand(grid) -> list[Cell]:
+  """The grid's cells, in the order of the product of its axes (the last varies fastest).
+  A ConfigError for an empty axis or two cells with the same name."""
+  names = axis_names(grid)
+  for name, values in grid.axes:
+    if not len(values):
+      raise ConfigError(f"Grid axis {name!r} has no values: give it at least one, or remove it.")
+  cells, seen = [], {}
+  for i, values in enumerate(itertools.product(*(values for _, values in grid.axes))):
+    name = _label(names, values)
+    if name in seen:
+      raise ConfigError(
+          f"Grid cells {seen[name]} and {i} are both named {name!r} (one work directory): "
+          "make the axis values differ in letters, digits or '.=-_'.")
+    seen[name] = i
+    extra = [b for n, v in zip(names, values) for b in _bindings(n, v)]
+    cells.append(Cell(i, name, dict(zip(names, values)), tuple(grid.bindings) + tuple(extra)))
+  return cells
+
+
+def select(cells: list[Cell], name: str | None = None, index: int | None = None) -> list[Cell]:
+  """All cells, or the one named or at `index`; a ConfigError listing the choices."""
+  if name is None and index is None:
+    return cells
+  chosen = [c for c in cells if c.name == name or c.index == index]
+  if not chosen:
+    which = f"--cell={name}" if name is not None else f"--cell_index={index}"
+    raise ConfigError(f"No cell {which} in this grid: its {len(cells)} cells are "
+                      + ", ".join(f"{c.index}: {c.name}" for c in cells) + ".")
+  return chosen
+
+
+def validate(grid, cells: list[Cell], repo: str) -> dict[str, int]:
+  """{cell name: TrainConfig.steps}, once every cell's gin parses and builds a valid Run
+  (in this process, nothing started); else a ConfigError naming the cell and the cause."""
+  import gin
+
+  import lcjax.eval.suite  # noqa: F401  (what the CLIs import before parsing gin)
+  import lcjax.models.allocation  # noqa: F401
+  from lcjax.config import parse_gin
+  from lcjax.run import Run
+
+  files = [os.path.join(repo, f) for f in grid.gin_files]
+  steps = {}
+  for cell in cells:
+    gin.clear_config()
+    try:
+      parse_gin(files, list(cell.bindings))
+      steps[cell.name] = Run.from_gin().train.steps
+    except Exception as e:  # gin raises several types; each names the binding
+      raise ConfigError(f"Grid cell {cell.index} ({cell.name}) is not a valid run, nothing was "
+                        f"started: {_first_line(e)}") from e
+    finally:
+      gin.clear_config()
+  return steps
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip() or type(e).__name__
+  return " ".join(text.split("\n")[:3])

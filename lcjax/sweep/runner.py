@@ -1,0 +1,167 @@
+"""The commands of a sweep's cells and the processes that run them.
+
+A cell is `python -m lcjax.train` in ROOT/CELL (then `python -m lcjax.eval` when the grid has
+`eval`), its output appended to ROOT/CELL/sweep.log. Up to `parallel` cells run at once, each
+in a slot with its share of the host (lcjax.sweep.placement). A failed cell does not stop the
+others; a rerun skips done and running cells and resumes the rest (lcjax.train resumes from
+the checkpoints). Done means trained to TrainConfig.steps: lcjax.train also exits 0 when
+preempted.
+"""
+
+import contextlib
+import os
+import queue
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from lcjax.sweep import status
+from lcjax.sweep.grid import Cell
+from lcjax.sweep.placement import Placement
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = "experiments/sweep.py"  # relative to REPO, where the commands run
+
+
+def cell_command(grid_path: str, root: str, index, python: str = sys.executable) -> list[str]:
+  """The command that runs cell `index` of a grid (train, eval, status file), from the
+  repository root: what a SLURM job array runs with index="$SLURM_ARRAY_TASK_ID"."""
+  return [python, SCRIPT, "run", grid_path, f"--root={root}", f"--cell_index={index}"]
+
+
+def _gin_flags(grid, cell: Cell) -> list[str]:
+  return ([f"--gin_file={f}" for f in grid.gin_files]
+          + [f"--gin_bindings={b}" for b in cell.bindings])
+
+
+def workdir(root, cell: Cell) -> str:
+  return os.fspath(status.cell_dir(root, cell.name))
+
+
+def train_command(grid, cell: Cell, root, python: str = sys.executable) -> list[str]:
+  return [python, "-m", "lcjax.train", f"--workdir={workdir(root, cell)}", *_gin_flags(grid, cell)]
+
+
+def eval_command(grid, cell: Cell, root, python: str = sys.executable) -> list[str] | None:
+  """The eval command of a cell, or None when the grid has no `eval`."""
+  probes = grid.get("eval", None)
+  if not probes:
+    return None
+  cmd = [python, "-m", "lcjax.eval", f"--workdir={workdir(root, cell)}", *_gin_flags(grid, cell)]
+  return cmd if probes is True else cmd + [f"--suite={','.join(probes)}"]
+
+
+def commands(grid, cell: Cell, root, python: str = sys.executable) -> list[list[str]]:
+  return [c for c in (train_command(grid, cell, root, python),
+                      eval_command(grid, cell, root, python)) if c]
+
+
+def evaluated(root, cell: Cell, step: int) -> bool:
+  return (status.cell_dir(root, cell.name) / "eval" / str(step) / "results.json").exists()
+
+
+@contextlib.contextmanager
+def _log(root, name: str):
+  """A local binary file the cell's processes write to, ending up in ROOT/CELL/sweep.log: the
+  file itself when ROOT is local, else a temporary one appended to the remote log after."""
+  target = status.cell_dir(root, name) / status.LOG
+  local = not os.fspath(target).startswith(("gs://", "s3://"))
+  if local:
+    with open(os.fspath(target), "ab") as f:
+      yield f
+    return
+  with tempfile.TemporaryFile() as f:
+    try:
+      yield f
+    finally:
+      f.seek(0)
+      old = target.read_bytes() if target.exists() else b""
+      target.write_bytes(old + f.read())
+
+
+def _start(cmd: list[str], where: Placement, log) -> subprocess.Popen:
+  env = {**os.environ, **where.env,
+         "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+  cpus = where.cpus
+  log.write(f"\n$ {shlex.join(cmd)}\n".encode())
+  log.flush()
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                          preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+
+
+def run_cell(grid, cell: Cell, root, steps: int, where: Placement,
+             python: str = sys.executable) -> str:
+  """Trains (and evaluates) one cell in its slot; returns and records its final state."""
+  started = time.time()
+  base = {"cell": cell.name, "index": cell.index, "steps": steps, "started": started,
+          "devices": list(where.devices)}
+  status.cell_dir(root, cell.name).mkdir(parents=True, exist_ok=True)
+  code = 0
+  with _log(root, cell.name) as log:
+    for cmd in commands(grid, cell, root, python):
+      proc = _start(cmd, where, log)
+      status.write_status(root, cell.name, state="running", pid=proc.pid, **base)
+      code = proc.wait()
+      if code != 0 or status.last_step(workdir(root, cell)) < steps:
+        break
+  step = status.last_step(workdir(root, cell))
+  done = code == 0 and step >= steps and (not grid.get("eval", None) or
+                                          evaluated(root, cell, steps))
+  error = None
+  if code:
+    error = status.last_error_line(status.read_log(root, cell.name))
+  elif step < steps:
+    error = f"stopped at step {step} of {steps} (preempted?): rerun the sweep to resume"
+  elif not done:
+    error = f"lcjax.eval wrote no eval/{steps}/results.json: see {status.LOG}"
+  status.write_status(root, cell.name, state="done" if done else "failed", exit_code=code,
+                      step=step, finished=time.time(), error=error, **base)
+  return "done" if done else "failed"
+
+
+def to_run(root, cells: list[Cell]) -> tuple[list[Cell], dict]:
+  """(cells to start, {name: state} of those skipped: done, or running elsewhere)."""
+  start, skipped = [], {}
+  for cell in cells:
+    state, _ = status.state_of(root, cell.name)
+    if state in ("done", "running"):
+      skipped[cell.name] = state
+    else:
+      start.append(cell)
+  return start, skipped
+
+
+def run_cells(grid, cells: list[Cell], root, steps: dict, placements: list[Placement],
+              python: str = sys.executable, say=print) -> dict:
+  """Runs `cells`, len(placements) at once (one slot each); {name: final state}."""
+  todo: queue.Queue = queue.Queue()
+  for cell in cells:
+    todo.put(cell)
+  states, lock = {}, threading.Lock()
+
+  def slot(where: Placement):
+    while True:
+      try:
+        cell = todo.get_nowait()
+      except queue.Empty:
+        return
+      say(f"[{time.strftime('%H:%M:%S')}] start {cell.name} (devices {list(where.devices)})")
+      try:
+        state = run_cell(grid, cell, root, steps[cell.name], where, python)
+      except Exception as e:  # a cell's failure (even the runner's) must not stop the others
+        status.write_status(root, cell.name, state="failed", error=f"sweep runner: {e}")
+        state = "failed"
+      with lock:
+        states[cell.name] = state
+      say(f"[{time.strftime('%H:%M:%S')}] {state:6s} {cell.name}")
+
+  threads = [threading.Thread(target=slot, args=(p,)) for p in placements]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  return states
+
