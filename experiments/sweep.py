@@ -2,6 +2,8 @@
 
     python experiments/sweep.py run GRID --root=DIR [--parallel=N] [--dry_run]
                                          [--cell=NAME | --cell_index=I] [--backend=cpu|gpu|tpu]
+    python experiments/sweep.py run GRID --root=DIR --slurm [--gpus_per_node=G] [--partition=P]
+                                         [--time=T] [--out=F] [--submit] [--dry_run]
     python experiments/sweep.py status GRID --root=DIR
     python experiments/sweep.py report GRID --root=DIR [--metric=NAME]
 
@@ -9,7 +11,8 @@ GRID is a Python file with get_config() (lcjax/sweep/grid.py documents it; e.g.
 experiments/lr_x_pattern.py). Each cell trains in DIR/<cell> (then is evaluated when the grid
 has `eval`), its output in DIR/<cell>/sweep.log; up to N at once, each pinned to its share of
 the host's cores, GPUs or TPU chips. Every cell is validated before any starts. A failed cell
-does not stop the others; running again skips done cells and resumes the rest. `report` writes
+does not stop the others; running again skips done cells and resumes the rest. With --slurm,
+the cells become a SLURM job array instead (ROOT on a file system every node sees, or gs://). `report` writes
 DIR/results.csv, DIR/report.md and PNGs. DIR may be gs://. Run from the repository root.
 Exit status: 0 every cell done (or nothing to do), 1 some cell failed, 2 a grid or flag error.
 """
@@ -18,6 +21,7 @@ import argparse
 import sys
 
 from lcjax.cli import report_errors
+from lcjax.launch.slurm import SlurmSettings
 from lcjax.sweep import commands
 
 
@@ -36,6 +40,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
       which.add_argument("--cell_index", type=int, help="run only cell I (a job array's task)")
       s.add_argument("--backend", choices=("cpu", "gpu", "tpu"),
                      help="how to split the host (default: detected)")
+      slurm = s.add_argument_group("as a SLURM job array (one task per cell, one node each)")
+      slurm.add_argument("--slurm", action="store_true",
+                         help="write (with --submit: submit) the array's sbatch script")
+      slurm.add_argument("--gpus_per_node", type=int, default=8, help="GPUs per cell")
+      slurm.add_argument("--partition", help="sbatch --partition")
+      slurm.add_argument("--account", help="sbatch --account")
+      slurm.add_argument("--time", help="sbatch --time per cell, e.g. 04:00:00")
+      slurm.add_argument("--job_name", default="sweep", help="sbatch --job-name")
+      slurm.add_argument("--out", help="the script's path (default: JOB_NAME.sbatch)")
+      slurm.add_argument("--submit", action="store_true", help="run sbatch on it")
     if name == "report":
       s.add_argument("--metric", default="loss", help="metric to plot (default: loss)")
   return p.parse_args(argv)
@@ -43,6 +57,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
   args = parse(argv)
+  if args.command == "run" and args.slurm:
+    settings = SlurmSettings(gpus_per_node=args.gpus_per_node, partition=args.partition,
+                             account=args.account, time=args.time, job_name=args.job_name)
+    sys.exit(commands.slurm_array(args.grid, args.root, settings, args.out, args.submit,
+                                  args.dry_run))
   if args.command == "run":
     states = commands.run(args.grid, args.root, args.parallel, args.dry_run, args.cell,
                           args.cell_index, args.backend)

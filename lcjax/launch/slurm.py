@@ -46,10 +46,15 @@ class SlurmSettings:
   account: str | None = None
   time: str | None = None  # sbatch --time: "HH:MM:SS", "D-HH:MM:SS", minutes
   job_name: str = "lcjax"
+  # Tasks (processes) per node: one per GPU (None) for a distributed run; 1 for a command that
+  # drives all of its node's GPUs from one process (a sweep cell).
+  tasks_per_node: int | None = None
 
   def __post_init__(self):
     common.check_positive("nodes", self.nodes)
     common.check_positive("gpus_per_node", self.gpus_per_node)
+    if self.tasks_per_node is not None:
+      common.check_positive("tasks_per_node", self.tasks_per_node)
     if not _NAME.match(self.job_name):
       raise ConfigError(f"--job_name={self.job_name!r}: use letters, digits, '.', '_', '-'")
     if self.time is not None and not _TIME.match(self.time):
@@ -70,12 +75,14 @@ def srun_line(command: Sequence[str]) -> str:
 
 def sbatch_script(command: list[str], settings: SlurmSettings,
                   array_size: int | None = None) -> str:
-  """The sbatch script that runs `command` (argv) under srun, one task per GPU, requeued on
-  preemption and before the time limit; `array_size=N` makes it a job array 0..N-1."""
+  """The sbatch script that runs `command` (argv) under srun (one task per GPU unless
+  `settings.tasks_per_node` says otherwise), requeued on preemption and before the time limit;
+  `array_size=N` makes it a job array 0..N-1."""
   s = settings
   log = "%x-%A_%a.out" if array_size is not None else "%x-%j.out"
   options = [f"--job-name={s.job_name}", f"--nodes={s.nodes}",
-             f"--ntasks-per-node={s.gpus_per_node}", f"--gpus-per-node={s.gpus_per_node}"]
+             f"--ntasks-per-node={s.tasks_per_node or s.gpus_per_node}",
+             f"--gpus-per-node={s.gpus_per_node}"]
   options += [f"--{k}={v}" for k, v in
               (("partition", s.partition), ("account", s.account), ("time", s.time)) if v]
   options += [f"--output={log}", "--open-mode=append", "--requeue",

@@ -2,10 +2,16 @@
 run, status and report of a grid in ROOT. Every grid error stops `run` before any cell starts.
 """
 
+import dataclasses
 import os
 import shlex
+import subprocess
+
+from etils import epath
 
 from lcjax.errors import ConfigError
+from lcjax.launch import slurm
+from lcjax.launch.common import VENV_PYTHON
 from lcjax.sweep import grid as grids
 from lcjax.sweep import placement, report, runner, status
 
@@ -40,18 +46,43 @@ def run(grid_path: str, root: str, parallel: int = 1, dry_run: bool = False,
     return {}
   backend = backend or detect_backend()
   devices = placement.host_devices(backend)
-  start, skipped = runner.to_run(root, chosen)
+  start, skipped = runner.to_run(root, chosen, explicit=cell is not None or cell_index is not None)
   # Fewer cells than slots (a job array's one cell) share the host between them.
   parallel = max(1, min(parallel, len(start)))
   slots = [placement.placement(backend, devices, parallel, s, os.environ.get("XLA_FLAGS", ""))
            for s in range(parallel)]
   for name, state in skipped.items():
     say(f"skip   {name} ({state})")
-  states = runner.run_cells(grid, start, root, steps, slots, say=say)
+  with runner.passing_on_sigterm():
+    states = runner.run_cells(grid, start, root, steps, slots, say=say)
   failed = [n for n, s in states.items() if s != "done"]
   say(f"{len(states) - len(failed)} done, {len(failed)} failed, {len(skipped)} skipped"
       + (f"; failed: {', '.join(failed)} (`status` shows why; rerun to retry)" if failed else ""))
   return {**skipped, **states}
+
+
+def slurm_array(grid_path: str, root: str, settings, out: str | None = None,
+                submit: bool = False, dry_run: bool = False, python: str = VENV_PYTHON,
+                say=print) -> int:
+  """A SLURM job array with one task per cell (validated first): task i runs
+  `sweep.py run GRID --root=ROOT --cell_index=i` on one node, one process driving that node's
+  GPUs. Written to `out` (default JOB_NAME.sbatch) and, with `submit`, submitted; `dry_run`
+  prints the script. Returns sbatch's exit status (0 when not submitting)."""
+  grid, cells, _ = _cells(grid_path)
+  grids.validate(grid, cells, runner.REPO)
+  settings = dataclasses.replace(settings, nodes=1, tasks_per_node=1)
+  command = runner.cell_command(grid_path, root, slurm.ARRAY_TASK_ID, python)
+  script = slurm.sbatch_script(command, settings, array_size=len(cells))
+  out = out or f"{settings.job_name}.sbatch"
+  submit_cmd = shlex.join(["sbatch", out])
+  if dry_run:
+    say(f"# {out}\n{script}\n# submit:\n{submit_cmd}")
+    return 0
+  epath.Path(out).write_text(script)
+  if not submit:
+    say(f"wrote {out} ({len(cells)} cells); submit it from the repository root: {submit_cmd}")
+    return 0
+  return subprocess.run(["sbatch", out]).returncode
 
 
 def status_rows(grid_path: str, root: str) -> list[dict]:

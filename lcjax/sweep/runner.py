@@ -12,6 +12,7 @@ import contextlib
 import os
 import queue
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -88,8 +89,30 @@ def _start(cmd: list[str], where: Placement, log) -> subprocess.Popen:
   cpus = where.cpus
   log.write(f"\n$ {shlex.join(cmd)}\n".encode())
   log.flush()
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                           preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+  _RUNNING.add(proc)
+  return proc
+
+
+_RUNNING: set = set()  # the cells' live processes, which SIGTERM is passed on to
+
+
+@contextlib.contextmanager
+def passing_on_sigterm():
+  """SIGTERM to the sweep (a preempted or requeued SLURM task) goes to every cell's process:
+  lcjax.train saves a checkpoint and exits 0, the cell is recorded as stopped short of its
+  steps, and the next `run` resumes it."""
+  def forward(signum, frame):
+    for proc in list(_RUNNING):
+      if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+
+  previous = signal.signal(signal.SIGTERM, forward)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def run_cell(grid, cell: Cell, root, steps: int, where: Placement,
@@ -105,6 +128,7 @@ def run_cell(grid, cell: Cell, root, steps: int, where: Placement,
       proc = _start(cmd, where, log)
       status.write_status(root, cell.name, state="running", pid=proc.pid, **base)
       code = proc.wait()
+      _RUNNING.discard(proc)
       if code != 0 or status.last_step(workdir(root, cell)) < steps:
         break
   step = status.last_step(workdir(root, cell))
@@ -122,12 +146,14 @@ def run_cell(grid, cell: Cell, root, steps: int, where: Placement,
   return "done" if done else "failed"
 
 
-def to_run(root, cells: list[Cell]) -> tuple[list[Cell], dict]:
-  """(cells to start, {name: state} of those skipped: done, or running elsewhere)."""
+def to_run(root, cells: list[Cell], explicit: bool = False) -> tuple[list[Cell], dict]:
+  """(cells to start, {name: state} of those skipped: done, or running elsewhere). A cell
+  chosen `explicit`ly (--cell, --cell_index: what a requeued job-array task runs) is started
+  unless done: its "running" record may be the dead task it replaces, on another host."""
   start, skipped = [], {}
   for cell in cells:
     state, _ = status.state_of(root, cell.name)
-    if state in ("done", "running"):
+    if state == "done" or (state == "running" and not explicit):
       skipped[cell.name] = state
     else:
       start.append(cell)

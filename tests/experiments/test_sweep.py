@@ -5,14 +5,18 @@ import glob
 import os
 import re
 import shlex
+import signal
+import sys
+import time
 
 import gin
 import pytest
 
 from lcjax.config import parse_gin
 from lcjax.errors import ConfigError
+from lcjax.launch.slurm import SlurmSettings
 from lcjax.run import Run
-from lcjax.sweep import commands, runner
+from lcjax.sweep import commands, runner, status
 from lcjax.sweep import grid as grids
 from tests.train.runs import REPO
 
@@ -121,7 +125,7 @@ def test_dry_run_prints_train_and_eval_per_cell(tmp_path):
 def _readme_sweep_commands() -> list[str]:
   text = open(os.path.join(REPO, "README.md")).read()
   section = text.split("\n## Sweeps\n", 1)[1].split("\n## ", 1)[0]
-  return [c.strip() for c in re.findall(r"^python experiments/sweep.py .*$", section, re.M)]
+  return [c.strip() for c in re.findall(r"^ *python experiments/sweep.py .*$", section, re.M)]
 
 
 def test_readme_run_commands_parse_and_dry_run(tmp_path, monkeypatch):
@@ -131,7 +135,12 @@ def test_readme_run_commands_parse_and_dry_run(tmp_path, monkeypatch):
   for command in _readme_sweep_commands():
     args = cli.parse(shlex.split(command)[2:])
     assert os.path.isfile(args.grid)
-    if args.command == "run":
+    if args.command == "run" and args.slurm:
+      printed = []
+      settings = SlurmSettings(gpus_per_node=args.gpus_per_node, time=args.time)
+      commands.slurm_array(args.grid, args.root, settings, dry_run=True, say=printed.append)
+      assert "--array=0-" in printed[0] and "--cell_index=" in printed[0]
+    elif args.command == "run":
       printed = []
       commands.run(args.grid, str(tmp_path), args.parallel, True, args.cell, args.cell_index,
                    say=printed.append)
@@ -145,3 +154,51 @@ def _cli():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def test_slurm_array_one_task_per_cell_on_one_node(tmp_path):
+  printed = []
+  settings = SlurmSettings(gpus_per_node=4, time="01:00:00", job_name="lrxp")
+  assert commands.slurm_array(LR_X_PATTERN, "/shared/sweep", settings, dry_run=True,
+                              say=printed.append) == 0
+  (text,) = printed
+  lines = text.splitlines()
+  assert lines[0] == "# lrxp.sbatch" and lines[-1] == "sbatch lrxp.sbatch"
+  for option in ("--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=4", "--time=01:00:00",
+                 "--array=0-7", "--requeue"):
+    assert f"#SBATCH {option}" in lines, option
+  assert ("srun --kill-on-bad-exit=1 .venv/bin/python experiments/sweep.py run "
+          f"{LR_X_PATTERN} --root=/shared/sweep --cell_index=\"$SLURM_ARRAY_TASK_ID\" &") in lines
+  # Written (not submitted) without --dry_run; a grid error stops it before anything is written.
+  out = tmp_path / "array.sbatch"
+  commands.slurm_array(LR_X_PATTERN, "/shared/sweep", settings, out=str(out), say=printed.append)
+  assert out.read_text() + "\n" == "\n".join(lines[1:-2]) + "\n"
+  bad = write_grid(tmp_path, [("OptimConfig.peak_learnig_rate", [0.1])])
+  with pytest.raises(ConfigError, match="peak_learnig_rate"):
+    commands.slurm_array(bad, "/shared/sweep", settings, out=str(tmp_path / "bad.sbatch"))
+  assert not (tmp_path / "bad.sbatch").exists()
+
+
+def test_an_explicit_cell_is_started_even_if_another_host_records_it_running(tmp_path):
+  cells = grids.expand(grids.load_grid(LR_X_PATTERN))[:2]
+  for cell in cells:  # a requeued array task's predecessor, on another node
+    status.write_status(tmp_path, cell.name, state="running", pid=1, host="other-node")
+  assert runner.to_run(tmp_path, cells) == ([], {c.name: "running" for c in cells})
+  assert runner.to_run(tmp_path, cells[:1], explicit=True) == (cells[:1], {})
+  status.write_status(tmp_path, cells[0].name, state="done", exit_code=0)
+  assert runner.to_run(tmp_path, cells[:1], explicit=True) == ([], {cells[0].name: "done"})
+
+
+def test_sigterm_to_the_sweep_reaches_every_cells_process(tmp_path):
+  from lcjax.sweep.placement import Placement
+
+  sleeper = [sys.executable, "-c", "import signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\nprint('re' + 'ady', flush=True)\n"
+             "time.sleep(60)"]
+  with open(tmp_path / "log", "wb") as log, runner.passing_on_sigterm():
+    procs = [runner._start(sleeper, Placement(devices=(), env={}, cpus=None), log)
+             for _ in range(2)]
+    while (tmp_path / "log").read_text().count("ready") < 2:  # both handle SIGTERM now
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert [p.wait(timeout=30) for p in procs] == [7, 7]  # each handled SIGTERM itself
