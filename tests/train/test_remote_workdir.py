@@ -51,12 +51,14 @@ def gs_on(local, monkeypatch, opened=None):
       opened.append((os.fspath(path), mode))
     return fn(to_local(path), mode)
 
-  def glob(fn, pattern):
-    return [to_remote(p) for p in fn(to_local(pattern))]
+  def glob(fn, pattern):  # results named as the pattern was (orbax globs its local paths)
+    back = to_remote if os.fspath(pattern).startswith(BUCKET) else os.fspath
+    return [back(p) for p in fn(to_local(pattern))]
 
   def walk(fn, top, **kwargs):
+    back = to_remote if os.fspath(top).startswith(BUCKET) else os.fspath
     for root, dirs, files in fn(to_local(top), **kwargs):
-      yield to_remote(root), dirs, files
+      yield back(root), dirs, files
 
   # epath picks TensorFlow's gfile for gs:// when TensorFlow is installed, bypassing the mock.
   monkeypatch.setenv("EPATH_USE_TF", "false")
