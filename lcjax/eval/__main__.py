@@ -20,7 +20,7 @@ from lcjax.errors import ConfigError
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "gin files, applied in order (later ones win).")
 flags.DEFINE_multi_string("gin_bindings", [], "gin bindings, applied after the files.")
-flags.DEFINE_string("workdir", None, "The training run's directory.")
+flags.DEFINE_string("workdir", None, "The training run's directory (local, or gs://bucket/...).")
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the newest).")
 flags.DEFINE_list("suite", None, "Probes to run (default: EvalConfig.suite); '' for none.")
 flags.DEFINE_multi_string("compare", [], "Another run's eval results to plot alongside.")
