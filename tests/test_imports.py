@@ -1,8 +1,8 @@
 """lcjax's imports run one way: no cycles, and each module imports only from its own layer or
 a lower one. Read from the source (ast), nothing is imported.
 
-    base (lcjax, lcjax.config, lcjax.errors, lcjax.cli, lcjax.workdir) < kernels < parallel
-      < models < data < run < train / eval < launch < sweep < CLIs
+    base (lcjax, lcjax.config, lcjax.errors, lcjax.cli, lcjax.workdir, lcjax.paths) < kernels
+      < parallel < models < data < run < train / eval < launch < sweep < CLIs
 
 lcjax.launch runs where JAX may not be installed: it loads nothing that imports jax.
 """
@@ -19,7 +19,8 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # train/: the optimizer and the train state's shapes and shardings (they stay in train/, where
 # their callers import them from); the train loop and eval sit on top of it.
 LAYERS = [
-    ("base", ("lcjax", "lcjax.config", "lcjax.errors", "lcjax.cli", "lcjax.workdir")),
+    ("base", ("lcjax", "lcjax.config", "lcjax.errors", "lcjax.cli", "lcjax.workdir",
+              "lcjax.paths")),
     ("kernels", ("lcjax.kernels",)),
     ("parallel", ("lcjax.parallel",)),
     ("models", ("lcjax.models",)),

@@ -11,7 +11,6 @@ change (see lcjax/cli.py).
 """
 
 import json
-import os
 
 from absl import flags, logging
 
@@ -21,7 +20,7 @@ from lcjax.errors import ConfigError
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "gin files, applied in order (later ones win).")
 flags.DEFINE_multi_string("gin_bindings", [], "gin bindings, applied after the files.")
-flags.DEFINE_string("workdir", None, "The training run's directory.")
+flags.DEFINE_string("workdir", None, "The training run's directory (local, or gs://bucket/...).")
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the newest).")
 flags.DEFINE_list("suite", None, "Probes to run (default: EvalConfig.suite); '' for none.")
 flags.DEFINE_multi_string("compare", [], "Another run's eval results to plot alongside.")
@@ -53,7 +52,7 @@ def restore_params(workdir: str, setup, step: int | None, keep: int):
       ckpt.check_fits(step, {"params": saved.get("params", {})}, abstract, config)
 
     params = ckpt.restore_part(step, abstract, check)["params"]
-    return params, step, os.path.join(ckpt.directory, str(step))
+    return params, step, f"{ckpt.directory}/{step}"
   finally:
     ckpt.close()
 
@@ -64,6 +63,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, suite=None,
   returns the results dict (`lcjax.eval.report` documents it)."""
   import jax
 
+  from lcjax import paths
   from lcjax.data.pipeline import vocabulary
   from lcjax.eval import report
   from lcjax.eval.evaluate import evaluate
@@ -89,7 +89,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, suite=None,
                     vocabulary(run.data), eval_cfg.rows)
   results["probes"] = run_suite(model, names)
   if jax.process_index() == 0:
-    out_dir = os.path.join(workdir, "eval", str(step))
+    out_dir = str(paths.resolve(workdir) / "eval" / str(step))
     results["written"] = report.write_all(out_dir, results, others)
   return results
 
@@ -101,6 +101,7 @@ def main(argv):
   import lcjax.eval.suite  # noqa: F401  (EvalConfig and the probes)
   import lcjax.models.allocation  # noqa: F401  (hybrid_pattern)
   import lcjax.run  # noqa: F401
+  from lcjax import paths
   from lcjax.config import parse_gin
   from lcjax.train.distributed import maybe_initialize
 
@@ -114,8 +115,8 @@ def main(argv):
   written = results.get("written", [])
   report_md = [p for p in written if p.endswith("report.md")]
   if report_md:
-    print(f"report: {os.path.abspath(report_md[0])} ({len(written)} files in "
-          f"{os.path.dirname(os.path.abspath(report_md[0]))})")
+    report = paths.resolve(report_md[0])
+    print(f"report: {report} ({len(written)} files in {report.parent})")
 
 
 def run():

@@ -17,6 +17,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
@@ -92,7 +93,8 @@ def _draw(target, draw, *, n_axes: int = 1, figsize=(6.4, 4.0)):
   if isinstance(target, (str, os.PathLike)):
     fig = Figure(figsize=figsize, layout="constrained")
     draw(fig, list(fig.subplots(1, n_axes, squeeze=False)[0]))
-    fig.savefig(target, dpi=DPI)
+    with epath.Path(target).open("wb") as f:  # matplotlib itself writes only local files
+      fig.savefig(f, dpi=DPI, format="png")
     return os.fspath(target)
   axes = [target] if isinstance(target, Axes) else list(target)
   if len(axes) != n_axes:

@@ -8,17 +8,19 @@ The results dict (what the suite produces; plain JSON values):
                      "rows": [{column: value, ...}, ...]}}}
 Rows hold "score" in [0, 1] (higher is better), or "loss" in nats per token for "curve"
 probes (lower is better); "n" or "tokens" weigh rows when they are averaged. Extra row
-columns are kept in the CSV. Nothing here depends on a probe's name.
+columns are kept in the CSV. Nothing here depends on a probe's name. Directories may be local
+or remote (gs://): every file goes through epath.
 """
 
 import csv
+import io
 import json
 import math
-import os
 import re
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 
 from lcjax.eval import plots
 
@@ -74,15 +76,15 @@ def _check(results, source: str) -> None:
 def load_results(path: str) -> dict:
   """The results dict of a results.json, or of the one in directory `path`. Raises ValueError
   naming the path and what is missing or malformed."""
-  file = os.path.join(path, RESULTS) if os.path.isdir(path) else path
-  if not os.path.isfile(file):
-    where = f"{path} is a directory without {RESULTS}" if os.path.isdir(path) else (
+  given = epath.Path(path)
+  file = given / RESULTS if given.is_dir() else given
+  if not file.exists() or file.is_dir():
+    where = f"{path} is a directory without {RESULTS}" if given.is_dir() else (
         f"{path} does not exist")
     raise ValueError(f"No evaluation results at {path}: {where}. Give a {RESULTS} or the "
                      "directory an evaluation wrote its results to.")
   try:
-    with open(file, encoding="utf-8") as f:
-      results = json.load(f)
+    results = json.loads(file.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{file} is not valid JSON ({e}); it is not an evaluation results "
                      "file.") from e
@@ -108,12 +110,10 @@ def write_results(out_dir: str, results: dict) -> list[str]:
   """out_dir/results.json (indent 2) and out_dir/<probe>.csv per probe (columns: the union of
   the rows' keys in first-seen order; "ppl" = exp(loss) added for curves). Returns the paths."""
   _check(results, "results")
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, RESULTS)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2, default=_plain)
-    f.write("\n")
-  written = [path]
+  out = epath.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / RESULTS).write_text(json.dumps(results, indent=2, default=_plain) + "\n")
+  written = [str(out / RESULTS)]
   for name, probe in results["probes"].items():
     rows = [dict(row) for row in probe["rows"]]
     if probe["plot"] == "curve":
@@ -121,12 +121,13 @@ def write_results(out_dir: str, results: dict) -> list[str]:
         if "ppl" not in row and row.get("loss") is not None:
           row["ppl"] = float(plots.perplexity(float(row["loss"])))
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    path = os.path.join(out_dir, file_stem(name) + ".csv")
-    with open(path, "w", newline="", encoding="utf-8") as f:
-      writer = csv.DictWriter(f, fieldnames=columns, restval="")
-      writer.writeheader()
-      writer.writerows(rows)
-    written.append(path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    path = out / (file_stem(name) + ".csv")
+    path.write_text(text.getvalue())
+    written.append(str(path))
   return written
 
 
@@ -253,8 +254,8 @@ def _section(out_dir: str, name: str, probe: dict, label: str, png: str | None, 
            f"- Plot: {probe.get('plot')} ({axes}); {len(probe['rows'])} rows for {label}.", ""]
   stem = file_stem(name)
   if png is not None:
-    lines += [f"![{name}]({os.path.basename(png)})", ""]
-  if own_csv and os.path.exists(os.path.join(out_dir, stem + ".csv")):
+    lines += [f"![{name}]({epath.Path(png).name})", ""]
+  if own_csv and (epath.Path(out_dir) / (stem + ".csv")).exists():
     lines += [f"Rows of {label}: [{stem}.csv]({stem}.csv)", ""]
   return lines
 
@@ -262,14 +263,14 @@ def _section(out_dir: str, name: str, probe: dict, label: str, png: str | None, 
 def write_plots(out_dir: str, models: Sequence[tuple[str, dict]]) -> list[str]:
   """out_dir/<probe>.png for each probe whose "plot" kind is known (plots.PLOTS) and that has
   rows, drawing every model that has the probe. Returns the paths."""
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   written = []
   for name in _probe_names(models):
     have = [(label, r) for label, r in models if name in r["probes"]]
     draw = plots.PLOTS.get(have[0][1]["probes"][name]["plot"])
     if draw is None or not any(r["probes"][name]["rows"] for _, r in have):
       continue  # a probe reported only as numbers, or nothing measured
-    path = os.path.join(out_dir, file_stem(name) + ".png")
+    path = str(epath.Path(out_dir) / (file_stem(name) + ".png"))
     draw(path, [(label, r["probes"][name]) for label, r in have], name=name,
          train_length=[r.get("train_length") for _, r in have])
     written.append(path)
@@ -286,7 +287,7 @@ def write_report(out_dir: str, results: dict, compare: Sequence[dict] = ()) -> l
   models = list(zip(_labels(all_results), all_results))
   written = write_plots(out_dir, models)
   lines = _header(models) + [""]
-  if os.path.exists(os.path.join(out_dir, RESULTS)):
+  if (epath.Path(out_dir) / RESULTS).exists():
     lines += [f"All results: [{RESULTS}]({RESULTS})", ""]
   lines += ["## Summary", ""]
   for table in summary_tables(models, results.get("train_length")):
@@ -294,13 +295,12 @@ def write_report(out_dir: str, results: dict, compare: Sequence[dict] = ()) -> l
   for name in _probe_names(models):
     # the probe as the evaluated model has it; else the first compared model with it
     label, owner = next((label, r) for label, r in models if name in r["probes"])
-    png = os.path.join(out_dir, file_stem(name) + ".png")
+    png = str(epath.Path(out_dir) / (file_stem(name) + ".png"))
     lines += _section(out_dir, name, owner["probes"][name], label,
                       png if png in written else None, own_csv=owner is results)
-  path = os.path.join(out_dir, REPORT)
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("\n".join(lines).rstrip() + "\n")
-  return written + [path]
+  path = epath.Path(out_dir) / REPORT
+  path.write_text("\n".join(lines).rstrip() + "\n")
+  return written + [str(path)]
 
 
 def write_all(out_dir: str, results: dict, compare: Sequence[dict] = ()) -> list[str]:

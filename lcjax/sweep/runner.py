@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 
+from lcjax import paths
 from lcjax.sweep import status
 from lcjax.sweep.grid import Cell
 from lcjax.sweep.placement import Placement
@@ -69,8 +70,7 @@ def _log(root, name: str):
   """A local binary file the cell's processes write to, ending up in ROOT/CELL/sweep.log: the
   file itself when ROOT is local, else a temporary one appended to the remote log after."""
   target = status.cell_dir(root, name) / status.LOG
-  local = not os.fspath(target).startswith(("gs://", "s3://"))
-  if local:
+  if not paths.is_remote(target):
     with open(os.fspath(target), "ab") as f:
       yield f
     return

@@ -14,6 +14,8 @@ import time
 
 from etils import epath
 
+from lcjax import paths
+
 STATUS = "sweep_status.json"
 LOG = "sweep.log"
 METRICS = "metrics.jsonl"
@@ -30,9 +32,7 @@ def write_status(root, name: str, **record) -> dict:
   record = {"host": socket.gethostname(), "updated": time.time(), **record}
   directory = cell_dir(root, name)
   directory.mkdir(parents=True, exist_ok=True)
-  tmp = directory / f".{STATUS}.{os.getpid()}.tmp"
-  tmp.write_text(json.dumps(record, indent=1))
-  tmp.replace(directory / STATUS)
+  paths.write_atomic(directory / STATUS, json.dumps(record, indent=1))
   return record
 
 

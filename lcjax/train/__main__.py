@@ -14,7 +14,8 @@ from lcjax.cli import run_cli
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "gin files, applied in order (later ones win).")
 flags.DEFINE_multi_string("gin_bindings", [], "gin bindings, applied after the files.")
-flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, TensorBoard.")
+flags.DEFINE_string("workdir", None, "Run directory (local, or gs://bucket/...): config, "
+                    "checkpoints, metrics, TensorBoard.")
 flags.mark_flag_as_required("workdir")
 
 

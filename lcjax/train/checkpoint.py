@@ -19,7 +19,6 @@ A restore tells three failures apart, each an lcjax.errors type:
 """
 
 import base64
-import glob
 import logging
 import os
 import re
@@ -31,7 +30,9 @@ import traceback
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from lcjax import paths
 from lcjax.config import binding_changes
 from lcjax.errors import (CheckpointCorruptError, CheckpointError,  # noqa: F401 (re-exported)
                           CheckpointMismatchError, CheckpointWriteError)
@@ -45,11 +46,11 @@ class Checkpointer:
                create: bool = True):
     """`create=False` (read-only users such as eval) creates nothing: a missing checkpoints
     directory just has no steps."""
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, "checkpoints")
+    self.workdir = paths.absolute(workdir)
+    self.directory = str(paths.resolve(workdir) / "checkpoints")
     _quiet_orbax_failures()
     self._manager = ocp.CheckpointManager(
-        self.directory,
+        orbax_path(self.directory),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=async_save,
             create=create, temporary_path_class=_ManifestedRename),
@@ -101,7 +102,7 @@ class Checkpointer:
   def record_of(self, step: int) -> dict | None:
     """The `record` saved with checkpoint `step`, and its gin text as "gin" (None: it holds
     neither)."""
-    if not os.path.isdir(os.path.join(self._step_dir(step), "config")):
+    if not (self._step_dir(step) / "config").is_dir():
       return None
     restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return restored["config"]
@@ -129,7 +130,7 @@ class Checkpointer:
     check(getattr(saved, "tree", saved))
     try:  # the manager's handler restores whole trees only
       with ocp.PyTreeCheckpointer() as reader:
-        return reader.restore(os.path.join(self._step_dir(step), "state"),
+        return reader.restore(orbax_path(self._step_dir(step)) / "state",
                               args=ocp.args.PyTreeRestore(
                                   abstract_part, partial_restore=True,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(
@@ -178,18 +179,18 @@ class Checkpointer:
     longer sees it) and returns its new path."""
     self.wait()
     slug = re.sub(r"[^\w.-]+", "-", reason).strip("-") or "quarantined"
-    base = os.path.join(self.workdir, "quarantine", f"{step}-{slug}")
+    base = epath.Path(self.workdir) / "quarantine" / f"{step}-{slug}"
     target, n = base, 1
-    while os.path.exists(target):
+    while target.exists():
       n += 1
-      target = f"{base}.{n}"
+      target = base.with_name(f"{base.name}.{n}")
     _sync_processes(f"lcjax_quarantine_{step}_named")  # every process names the same target
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      shutil.move(self._step_dir(step), target)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      self._step_dir(step).rename(target)
     _sync_processes(f"lcjax_quarantine_{step}_moved")
     self._manager.reload()
-    return target
+    return str(target)
 
   def check(self) -> None:
     """Raises CheckpointWriteError if a background save has failed; returns at once while one
@@ -221,8 +222,8 @@ class Checkpointer:
 
   # ---- Messages.
 
-  def _step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+  def _step_dir(self, step: int) -> epath.Path:
+    return epath.Path(self.directory) / str(step)
 
   def _remove_tmp(self, step: int | str, settle: bool = False) -> None:
     """Removes the temporary directories of a failed save of `step` ("*": of any save, left by
@@ -231,21 +232,23 @@ class Checkpointer:
     most)."""
     if jax.process_index() != 0:
       return
-    pattern = os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")
+    directory, pattern = epath.Path(self.directory), f"{step}.orbax-checkpoint-tmp*"
+    if not directory.exists():  # create=False: nothing to clean
+      return
     for _ in range(10 if settle else 1):
-      for tmp in glob.glob(pattern):
-        shutil.rmtree(tmp, ignore_errors=True)
+      for tmp in directory.glob(pattern):
+        _remove_tree(tmp)
       if not settle:
         return
       time.sleep(0.2)
-      if not glob.glob(pattern):
+      if not list(directory.glob(pattern)):
         return
 
   def _verify(self, step: int) -> bool:
     """Checks `step`'s files against its manifest: True if verified, False (a warning printed)
     when it has none; CheckpointCorruptError when a file differs."""
     path = self._step_dir(step)
-    if not os.path.isdir(path):
+    if not path.is_dir():
       raise CheckpointError(f"No checkpoint at step {step} in {self.directory} (available: "
                             f"{self.all_steps()}).")
     found = manifest.problems(path)
@@ -265,7 +268,7 @@ class Checkpointer:
     err = CheckpointCorruptError(
         f"Checkpoint step {step} in {self._step_dir(step)} is damaged: {damage}. Nothing was "
         f"restored from it. Set TrainConfig.on_corrupt_checkpoint = \"fallback\" to move it "
-        f"to {os.path.join(self.workdir, 'quarantine')}/ (kept for inspection) and resume from "
+        f"to {epath.Path(self.workdir) / 'quarantine'}/ (kept for inspection) and resume from "
         f"{fallback}.")
     err.damage = damage
     return err
@@ -285,7 +288,7 @@ class Checkpointer:
     if not differences:
       return
     old = self.config_of(step)
-    config_file = os.path.join(self._step_dir(step), "config", "metadata")
+    config_file = self._step_dir(step) / "config" / "metadata"
     if old is None:
       changed = (f"the checkpoint holds no config record; compare with the config*.gin files "
                  f"in {self.workdir}")
@@ -309,10 +312,11 @@ class Checkpointer:
     intact = [s for s, found in status.items() if found == []]
     needed = (f"{_size(manifest.size(self._step_dir(intact[-1])))} (the size of step "
               f"{intact[-1]})" if intact else f"{_size(self._state_bytes)} (the state's size)")
-    free = _size(shutil.disk_usage(self.directory).free)
+    free = ("unknown (an object store)" if paths.is_remote(self.directory) else
+            _size(shutil.disk_usage(self.directory).free))
     kept = ", ".join(f"step {s} ({_status(found)})" for s, found in status.items()) or "none"
     left = ("its directory is complete but unverified (its manifest could not be written)"
-            if os.path.isdir(self._step_dir(step)) else
+            if self._step_dir(step).is_dir() else
             "nothing of it was kept (its temporary directory was removed)")
     return CheckpointWriteError(
         f"Saving checkpoint step {step} to {self._step_dir(step)} failed: "
@@ -320,6 +324,21 @@ class Checkpointer:
         f"in {self.directory}: {free}. Earlier checkpoints: {kept}. Fix: free space there (or "
         f"lift the limit named) and run the same command again; it resumes from the newest "
         f"intact checkpoint.")
+
+
+def orbax_path(path: str) -> epath.Path:
+  """The path orbax is given for `path` (a checkpoints/ directory or one of its steps): the
+  same one, local or remote (orbax writes gs:// itself). The one place orbax learns where
+  checkpoints are: tests of remote workdirs map it onto a local directory here."""
+  return epath.Path(path)
+
+
+def _remove_tree(path: epath.Path) -> None:
+  """Removes a directory tree, ignoring errors (tensorstore may still be writing into it)."""
+  if paths.is_remote(path):
+    path.rmtree(missing_ok=True)
+  else:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class _ManifestedRename(ocp.path.atomicity.AtomicRenameTemporaryPath):

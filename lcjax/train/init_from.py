@@ -8,11 +8,10 @@ schedule, stages and data. Anything the parameters do not depend on (RoPE, seque
 data, schedule) may differ from the other run: that is what it is for (context extension).
 """
 
-import os
-
 import jax
 import optax
 
+from lcjax import paths
 from lcjax.errors import ConfigError
 from lcjax.train.checkpoint import Checkpointer
 from lcjax.train.shapes import array_differences
@@ -55,13 +54,13 @@ def initial_state(train_cfg, setup, fresh: dict, config: str) -> dict:
 
 
 def _workdir(path: str, spec: str) -> str:
-  """The other run's workdir, given it or its checkpoints/ directory."""
-  root = os.path.abspath(path)
-  if os.path.basename(root) == CHECKPOINTS and os.path.isdir(root):
-    return os.path.dirname(root)
-  if os.path.isdir(os.path.join(root, CHECKPOINTS)):
-    return root
-  what = "does not exist" if not os.path.exists(root) else f"holds no {CHECKPOINTS}/ directory"
+  """The other run's workdir (local or remote), given it or its checkpoints/ directory."""
+  root = paths.resolve(path)
+  if root.name == CHECKPOINTS and root.is_dir():
+    return str(root.parent)
+  if (root / CHECKPOINTS).is_dir():
+    return str(root)
+  what = "does not exist" if not root.exists() else f"holds no {CHECKPOINTS}/ directory"
   raise ConfigError(
       f"TrainConfig.init_from = {spec!r}: {root} {what}. Give the workdir (or its "
       f"{CHECKPOINTS}/ directory) of a run that has saved a checkpoint, as DIR or DIR:STEP.")

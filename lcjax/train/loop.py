@@ -9,7 +9,6 @@
 
 import contextlib
 import math
-import os
 import signal
 import threading
 
@@ -21,6 +20,7 @@ from flax import nnx
 from lcjax.config import binding_changes
 from lcjax.data import tasks
 from lcjax.data.pipeline import make_train_iterator
+from lcjax import paths
 from lcjax.errors import CheckpointMismatchError, ConfigError, NonFiniteLossError
 from lcjax.eval.evaluate import evaluate
 from lcjax.eval.suite import EvalConfig, InLoop
@@ -164,9 +164,9 @@ def _describe(workdir: str, setup: Setup, config: str, start: int) -> None:
   """
   if jax.process_index() != 0:
     return
-  for name in ("config.gin", _unused(workdir, f"config.{start}", ".gin", config)):
-    with open(os.path.join(workdir, name), "w") as f:
-      f.write(config)
+  root = paths.resolve(workdir)
+  for name in ("config.gin", _unused(root, f"config.{start}", ".gin", config)):
+    (root / name).write_text(config)
   print(sharding.describe(setup.abstract_params, setup.mesh, setup.rules))
   if setup.sequence is not None:
     seq = setup.sequence
@@ -174,13 +174,13 @@ def _describe(workdir: str, setup: Setup, config: str, start: int) -> None:
           f"{seq.layout!r}, attention {seq.config.attention!r}")
 
 
-def _unused(workdir: str, stem: str, suffix: str, content: str) -> str:
-  """`stem + suffix`, or `stem.<n> + suffix` when a file of that name holds something else."""
+def _unused(root, stem: str, suffix: str, content: str) -> str:
+  """`stem + suffix`, or `stem.<n> + suffix` when a file of that name in `root` (an
+  epath.Path) holds something else."""
   name, n = stem + suffix, 1
-  while os.path.exists(os.path.join(workdir, name)):
-    with open(os.path.join(workdir, name)) as f:
-      if f.read() == content:
-        break
+  while (root / name).exists():
+    if (root / name).read_text() == content:
+      break
     name, n = f"{stem}.{n}{suffix}", n + 1
   return name
 
@@ -268,10 +268,9 @@ def _throughput(run: Run) -> Throughput:
 
 
 def _summary(workdir: str, ckpt: Checkpointer) -> dict:
-  root = os.path.abspath(workdir)
-  return {"workdir": root, "checkpoints": ckpt.directory, "tensorboard": os.path.join(root, "tb"),
-          "metrics": os.path.join(root, "metrics.jsonl"), "preempted": False, "train": {},
-          "eval": {}}
+  root = paths.resolve(workdir)
+  return {"workdir": str(root), "checkpoints": ckpt.directory, "tensorboard": str(root / "tb"),
+          "metrics": str(root / "metrics.jsonl"), "preempted": False, "train": {}, "eval": {}}
 
 
 @contextlib.contextmanager

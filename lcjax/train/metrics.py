@@ -1,12 +1,16 @@
 """Where metrics go: one JSON object per line in DIR/metrics.jsonl and TensorBoard under DIR/tb."""
 
 import contextlib
+import io
 import json
 import math
-import os
 import time
 
 import tensorboardX
+from etils import epath
+from tensorboardX import record_writer
+
+from lcjax import paths
 
 
 class MetricsWriter:
@@ -21,18 +25,17 @@ class MetricsWriter:
   def __init__(self, workdir: str, start: int = 0, enabled: bool = True, wandb=None):
     self.enabled, self._wandb = enabled, wandb  # wandb: a WandbLog that gets the same scalars
     if enabled:
-      path = os.path.join(workdir, "metrics.jsonl")
-      _drop_lines_after(path, start)
-      self._jsonl = open(path, "a")
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"), purge_step=start + 1)
+      root = paths.resolve(workdir)
+      self._jsonl = paths.LineLog(root / "metrics.jsonl", keep=lambda line: _kept(line, start))
+      _tensorboard_through_epath()
+      self._tb = tensorboardX.SummaryWriter(str(root / "tb"), purge_step=start + 1)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
     clean = {k: (None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v)
              for k, v in metrics.items()}
-    self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
-    self._jsonl.flush()
+    self._jsonl.append(json.dumps({"step": step, **clean}) + "\n")
     for key, value in clean.items():
       if value is not None:
         self._tb.add_scalar(key, value, step)
@@ -56,26 +59,49 @@ class MetricsWriter:
       self._wandb.close()
 
 
-def _drop_lines_after(path: str, step: int) -> None:
-  """Rewrites the log without the lines past `step`, nor a last line a kill cut short
-  (atomically: a crash keeps either the old log or the new one)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.readlines()
-  kept = [line for line in lines
-          if line.endswith("\n") and line.strip() and json.loads(line)["step"] <= step]
-  if len(kept) < len(lines):
-    with open(path + ".tmp", "w") as f:
-      f.writelines(kept)
-    os.replace(path + ".tmp", path)
+def _kept(line: str, step: int) -> bool:
+  """Whether a resumed run at `step` keeps this line of the log: not one past `step`, nor a
+  last line a kill cut short."""
+  return line.endswith("\n") and bool(line.strip()) and json.loads(line)["step"] <= step
 
 
 def read_metrics(workdir: str) -> list[dict]:
   """The metrics log as a list of dicts, one per logged step (eval results on their own line)."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = (paths.resolve(workdir) / "metrics.jsonl").read_text()
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
+
+class _EpathRecordFile:
+  """An event file on an object store: the bytes so far, uploaded whole at each flush (an
+  object cannot be appended to)."""
+
+  def __init__(self, path: str):
+    self.path, self._buffer = epath.Path(path), io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self._buffer.write(data)
+
+  def flush(self) -> None:
+    self.path.write_bytes(self._buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EpathRecordFactory:
+  def open(self, path: str) -> _EpathRecordFile:
+    return _EpathRecordFile(path)
+
+  def directory_check(self, path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _tensorboard_through_epath() -> None:
+  """tensorboardX's own gs:// and s3:// writers need google-cloud-storage / boto3 (not lcjax
+  dependencies); event files on every remote scheme go through epath instead."""
+  for scheme in ("gs", "s3", "az"):
+    if not isinstance(record_writer.REGISTERED_FACTORIES.get(scheme), _EpathRecordFactory):
+      record_writer.register_writer_factory(scheme, _EpathRecordFactory())
 
 class Throughput:
   """Training throughput since the last `report`: tokens/s, seconds per step and MFU.

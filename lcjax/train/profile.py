@@ -2,14 +2,16 @@
 (TensorBoard's profile plugin or Perfetto read it: `*.xplane.pb`, `*.trace.json.gz`).
 
 The trace starts before step `start` is dispatched and stops once step `stop` has finished
-(its outputs are waited for), so it holds exactly those steps' host and device work. A run that
+(its outputs are waited for), so it holds exactly those steps' host and device work. A gs://
+workdir is written by the profiler itself. A run that
 stops inside the range (an error, SIGTERM) still closes the trace.
 """
 
 import contextlib
-import os
 
 import jax
+
+from lcjax import paths
 
 PROFILE = "profile"  # the workdir's subdirectory
 
@@ -18,7 +20,8 @@ class StepProfiler:
 
   def __init__(self, workdir: str, steps: tuple[int, int] | None,
                cleanup: contextlib.ExitStack):
-    self.directory = os.path.join(workdir, PROFILE)
+    # jax.profiler writes gs:// itself (TSL's file systems): the path is passed on as it is.
+    self.directory = str(paths.resolve(workdir) / PROFILE)
     self.steps = steps
     self.active = False
     cleanup.callback(self._stop)

@@ -10,6 +10,7 @@ step past the last one wandb saw (metrics.jsonl and TensorBoard hold the replaye
 import hashlib
 import os
 
+from lcjax import paths
 from lcjax.config import operative_bindings
 from lcjax.errors import ConfigError
 
@@ -28,7 +29,7 @@ class WandbLog:
     except ImportError as e:
       raise ConfigError(f"TrainConfig.wandb_project = {project!r} needs the wandb package: "
                         "`pip install wandb`, or unset TrainConfig.wandb_project.") from e
-    local = "://" not in workdir  # wandb writes its files locally; a bucket workdir uses ./wandb
+    local = not paths.is_remote(workdir)  # wandb writes locally; a bucket workdir uses ./wandb
     self._run = wandb.init(
         project=project, name=os.path.basename(workdir.rstrip("/")), id=run_id(workdir),
         resume="allow", dir=workdir if local else None,
