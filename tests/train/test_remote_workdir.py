@@ -14,6 +14,7 @@ import os
 import gin
 import pytest
 from etils import epath
+from etils.epath import gpath as epath_gpath
 from etils.epath import testing as epath_testing
 
 from lcjax import paths
@@ -60,8 +61,9 @@ def gs_on(local, monkeypatch, opened=None):
     for root, dirs, files in fn(to_local(top), **kwargs):
       yield back(root), dirs, files
 
-  # epath picks TensorFlow's gfile for gs:// when TensorFlow is installed, bypassing the mock.
-  monkeypatch.setenv("EPATH_USE_TF", "false")
+  # epath picks TensorFlow's gfile for gs:// when TensorFlow is installed, bypassing the mock;
+  # it decides once per process (cached), so EPATH_USE_TF=false is too late after other tests.
+  monkeypatch.setattr(epath_gpath, "_is_tf_installed", lambda: False)
   monkeypatch.setattr(checkpoint, "orbax_path", lambda p: epath.Path(to_local(p)))
   fns = {name: one for name in ("exists", "isdir", "listdir", "makedirs", "mkdir", "remove",
                                 "rmtree", "stat")}
