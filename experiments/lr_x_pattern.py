@@ -1,7 +1,7 @@
 """Learning rate x layer pattern x seed on the tiny Transformer and the demo data.
 
 CPU-sized: 2 x 2 x 2 = 8 runs of 40 steps, each then evaluated by `lcjax.eval` (loss by
-position on 2 held-out documents): 15.5 CPU-minutes in all, so ~8 minutes on 2 idle cores with
+position on 2 held-out documents): 14.8 CPU-minutes in all, under 12 minutes on 2 cores with
 --parallel=2 (experiments/results/lr_x_pattern/ is its report).
 For a real comparison raise TrainConfig.steps (and the grid) on an accelerator.
 """
