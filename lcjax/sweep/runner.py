@@ -86,13 +86,20 @@ def _log(root, name: str):
 def _start(cmd: list[str], where: Placement, log) -> subprocess.Popen:
   env = {**os.environ, **where.env,
          "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
-  cpus = where.cpus
   log.write(f"\n$ {shlex.join(cmd)}\n".encode())
   log.flush()
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                          preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+  if where.cpus:
+    cmd = [sys.executable, *_PINNED, ",".join(map(str, where.cpus)), *cmd]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
   _RUNNING.add(proc)
   return proc
+
+
+# Pins itself to the cores in argv[1], then becomes the command after them (exec keeps the
+# affinity and the pid). A preexec_fn would do it in a forked copy of this multithreaded
+# process (JAX's threads), which can deadlock before the exec.
+_PINNED = ("-c", "import os, sys; os.sched_setaffinity(0, map(int, sys.argv[1].split(','))); "
+           "os.execv(sys.argv[2], sys.argv[2:])")
 
 
 _RUNNING: set = set()  # the cells' live processes, which SIGTERM is passed on to

@@ -202,3 +202,14 @@ def test_sigterm_to_the_sweep_reaches_every_cells_process(tmp_path):
       time.sleep(0.05)
     os.kill(os.getpid(), signal.SIGTERM)
     assert [p.wait(timeout=30) for p in procs] == [7, 7]  # each handled SIGTERM itself
+
+
+def test_a_cell_process_runs_pinned_to_its_cores(tmp_path):
+  from lcjax.sweep.placement import Placement
+
+  show = [sys.executable, "-c", "import os; print('cores', sorted(os.sched_getaffinity(0)))"]
+  with open(tmp_path / "log", "wb") as log:
+    proc = runner._start(show, Placement(devices=(0,), env={}, cpus=(0,)), log)
+    assert proc.wait(timeout=60) == 0
+  text = (tmp_path / "log").read_text()
+  assert "cores [0]" in text and text.startswith(f"\n$ {shlex.join(show)}\n")  # as given
