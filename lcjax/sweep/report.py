@@ -16,6 +16,7 @@ import numpy as np
 from etils import epath
 
 from lcjax.sweep import status
+from lcjax.train.metrics import read_metrics
 from lcjax.sweep.grid import SEED, Cell, axis_names, short
 
 FIRST = ("cell", "state", "step")
@@ -23,10 +24,7 @@ FIRST = ("cell", "state", "step")
 
 def _final_metrics(workdir: epath.Path) -> tuple[dict, list[tuple[int, float]]]:
   """(last train record merged with the last eval record, [(step, loss)])."""
-  path = workdir / status.METRICS
-  if not path.exists():
-    return {}, []
-  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  records = read_metrics(workdir)
   train = [r for r in records if r.get("loss") is not None]
   evals = [r for r in records if any(k.startswith("eval/") for k in r)]
   final = {**(evals[-1] if evals else {}), **(train[-1] if train else {})}

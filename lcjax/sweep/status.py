@@ -15,10 +15,10 @@ import time
 from etils import epath
 
 from lcjax import paths
+from lcjax.train.metrics import read_metrics
 
 STATUS = "sweep_status.json"
 LOG = "sweep.log"
-METRICS = "metrics.jsonl"
 STATES = ("done", "running", "failed", "pending")
 _ERROR = re.compile(r"error|exception|traceback|killed|failed", re.IGNORECASE)
 
@@ -70,12 +70,7 @@ def state_of(root, name: str) -> tuple[str, dict]:
 
 def last_step(workdir) -> int:
   """The last step metrics.jsonl logged (0 when there is none)."""
-  path = epath.Path(workdir) / METRICS
-  if not path.exists():
-    return 0
-  steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines()
-           if line.strip().startswith("{")]
-  return max(steps, default=0)
+  return max((r["step"] for r in read_metrics(workdir)), default=0)
 
 
 def last_error_line(log_text: str) -> str:

@@ -66,9 +66,12 @@ def _kept(line: str, step: int) -> bool:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The metrics log as a list of dicts, one per logged step (eval results on their own line)."""
-  text = (paths.resolve(workdir) / "metrics.jsonl").read_text()
-  return [json.loads(line) for line in text.splitlines() if line.strip()]
+  """The metrics log as a list of dicts, one per logged step (eval results on their own line);
+  empty when there is none yet. A last line still being written (a run in progress) is left
+  out."""
+  path = paths.resolve(workdir) / "metrics.jsonl"
+  lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+  return [json.loads(line) for line in lines if line.endswith("\n") and line.strip()]
 
 
 class _EpathRecordFile:
@@ -102,6 +105,7 @@ def _tensorboard_through_epath() -> None:
   for scheme in ("gs", "s3", "az"):
     if not isinstance(record_writer.REGISTERED_FACTORIES.get(scheme), _EpathRecordFactory):
       record_writer.register_writer_factory(scheme, _EpathRecordFactory())
+
 
 class Throughput:
   """Training throughput since the last `report`: tokens/s, seconds per step and MFU.
