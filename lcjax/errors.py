@@ -50,3 +50,8 @@ class NonFiniteLossError(LcjaxError, FloatingPointError):
 class ConvertError(ConfigError):
   """A checkpoint cannot be converted (an unsupported architecture or config field, a tensor of
   the wrong shape, a pickle); nothing was written."""
+
+
+class DataError(ConfigError):
+  """An input file cannot be used as configured (no file matches a glob, an empty file,
+  undecodable bytes, a malformed JSONL line); the message names the file and the place."""

@@ -13,6 +13,8 @@ import tensorflow as tf
 
 from lcjax.config import check_positive, check_types
 from lcjax.data import buckets as buckets_lib
+from lcjax.data import converter
+from lcjax.data import sources as sources_lib
 from lcjax.data import tasks
 from lcjax.data.converter import MaskedLMFeatureConverter
 from lcjax.data.vocab import vocabulary  # noqa: F401  (public re-export)
@@ -25,7 +27,11 @@ class DataConfig:
   train_mixture: str = "lcjax_demo"  # seqio Task or Mixture name used for training
   eval_tasks: tuple[str, ...] = ("lcjax_shakespeare", "lcjax_passkey", "lcjax_mqar")
   sequence_length: int = 512  # packed row length
-  vocabulary: str = "byte"  # "byte" or a path to a SentencePiece .model file
+  # "byte", a SentencePiece .model file or a Hugging Face tokenizer.json (vocab.from_name)
+  vocabulary: str = "byte"
+  # Corpora of one's own (sources.py: @name/TextSource(), @name/JsonlSource()), each
+  # registered as a seqio task of its name.
+  sources: tuple[sources_lib.Source, ...] = ()
   seed: int = 0
   # How training weighs loss tokens: "tokens", each the same (a 256-token text window then
   # outweighs a 6-token answer 40 to 1), or "documents", each document's weights summing to
@@ -47,6 +53,8 @@ class DataConfig:
 
   def __post_init__(self):
     check_types(self)  # a wrong-typed gin binding fails here, naming it
+    object.__setattr__(self, "sources", tuple(self.sources))  # gin gives a list
+    sources_lib.check_names(self.sources, tasks.TASKS + (tasks.DEMO,))
     check_positive(self, ("sequence_length",))  # before the tasks divide by it
     if self.loss_normalization not in ("tokens", "documents"):
       raise ConfigError(f"DataConfig.loss_normalization={self.loss_normalization!r} is not "
@@ -107,7 +115,13 @@ class BatchIterator:
 def _register_tasks(cfg: DataConfig) -> dict[str, int]:
   """Registers the tasks for the documents of cfg's rows; returns their feature lengths."""
   length = cfg.sequence_length - int(cfg.anchor)  # the anchor takes a row's first token
-  tasks.register_tasks(dataclasses.replace(cfg, sequence_length=length))
+  if cfg.anchor and vocabulary(cfg).eos_id != converter.ANCHOR_TARGET:
+    raise ConfigError(f"DataConfig.anchor: the anchor's target is id {converter.ANCHOR_TARGET}"
+                      f" (EOS in lcjax's byte and SentencePiece vocabularies), not EOS of "
+                      f"{cfg.vocabulary!r}. Fix: set DataConfig.anchor = False with it.")
+  task_cfg = dataclasses.replace(cfg, sequence_length=length)
+  tasks.register_tasks(task_cfg)
+  sources_lib.register_sources(task_cfg)
   return {"targets": length, "loss_mask": length}
 
 

@@ -84,24 +84,45 @@ def gather_source(columns_fn) -> seqio.DataSource:
   return _SelfShuffledSource(dataset_fn, splits=SPLITS)
 
 
-@functools.cache
-def shakespeare_windows(vocabulary_name: str, sequence_length: int, split: str):
-  """A split's plays tokenized up front, as windows into one token array.
+def cut_windows(documents, sequence_length: int):
+  """Documents' token ids, each already ending in EOS, as windows into one token array.
 
-  Returns (tokens [N] int32: every play + EOS back to back,
-           bounds [W, 2] int64: [start, end) of each window). Windows never
-  cross plays; each holds sequence_length tokens except a play's last one.
+  Returns (tokens [N] int32: the documents back to back,
+           bounds [W, 2] int64: [start, end) of each window). Windows never cross documents
+  and tile each one (no token dropped); each holds sequence_length tokens except a document's
+  last one.
   """
-  vocab_ = vocab.from_name(vocabulary_name)
   pieces, bounds, offset = [], [], 0
-  for text in shakespeare.split_texts(split):
-    ids = np.array(vocab_.encode(text) + [vocab_.eos_id], np.int32)
+  for ids in documents:
     starts = np.arange(0, len(ids), sequence_length)
     ends = np.minimum(starts + sequence_length, len(ids))
     bounds.append(np.stack([starts, ends], 1) + offset)
-    pieces.append(ids)
+    pieces.append(np.asarray(ids, np.int32))
     offset += len(ids)
+  if not pieces:
+    return np.zeros([0], np.int32), np.zeros([0, 2], np.int64)
   return np.concatenate(pieces), np.concatenate(bounds).astype(np.int64)
+
+
+def windows_dataset(tokens: np.ndarray, bounds: np.ndarray, shuffle: bool,
+                    seed) -> tf.data.Dataset:
+  """{"targets", "loss_mask"} windows of cut_windows' arrays, by index (see index_stream):
+  loss everywhere. The iterator state is index_stream's counter."""
+  tokens, bounds_t = tf.constant(tokens), tf.constant(bounds)
+
+  def window(i):
+    ids = tokens[bounds_t[i, 0] : bounds_t[i, 1]]
+    return {"targets": ids, "loss_mask": tf.ones_like(ids)}
+
+  return index_stream(len(bounds), shuffle, seed).map(window)
+
+
+@functools.cache
+def shakespeare_windows(vocabulary_name: str, sequence_length: int, split: str):
+  """A split's plays tokenized up front (each + EOS), as cut_windows' (tokens, bounds)."""
+  vocab_ = vocab.from_name(vocabulary_name)
+  return cut_windows((vocab_.encode(text) + [vocab_.eos_id]
+                      for text in shakespeare.split_texts(split)), sequence_length)
 
 
 def shakespeare_source(cfg) -> seqio.DataSource:
@@ -114,13 +135,7 @@ def shakespeare_source(cfg) -> seqio.DataSource:
 
   def dataset_fn(split, shuffle_files, seed=None):
     tokens, bounds = shakespeare_windows(cfg.vocabulary, cfg.sequence_length, split)
-    tokens, bounds = tf.constant(tokens), tf.constant(bounds)
-
-    def window(i):
-      ids = tokens[bounds[i, 0] : bounds[i, 1]]
-      return {"targets": ids, "loss_mask": tf.ones_like(ids)}
-
-    return index_stream(len(bounds), shuffle_files, seed).map(window)
+    return windows_dataset(tokens, bounds, shuffle_files, seed)
 
   return _SelfShuffledSource(dataset_fn, splits=SPLITS)
 

@@ -1,0 +1,192 @@
+"""Corpora of one's own, from gin: plain text and JSONL files as seqio tasks.
+
+Each source is a gin-configurable frozen dataclass named in `DataConfig.sources`; it becomes a
+seqio Task of its `name` (usable as DataConfig.train_mixture, in eval_tasks with
+validation_files, or in a seqio Mixture), plain LM with loss everywhere:
+
+  books/TextSource.name = 'books'
+  books/TextSource.files = ['gs://bucket/books/*.txt']
+  DataConfig.sources = [@books/TextSource()]
+  DataConfig.train_mixture = 'books'
+
+A process reads only its share of the files (files[index::num_shards], when there are at least
+as many files as processes; else every document whose index over all files is index mod
+num_shards), tokenizes its documents (each + EOS), drops those outside [min_tokens,
+max_tokens], and cuts the rest into windows of the row length exactly as Shakespeare's plays
+(tasks.cut_windows: no truncation). Windows are read by index through tasks.index_stream, so
+the iterator state stays one counter per process, exact on resume.
+"""
+import dataclasses
+import functools
+import logging
+
+import gin
+import seqio
+
+from lcjax.config import check_types
+from lcjax.data import readers, tasks, vocab
+from lcjax.errors import ConfigError, DataError
+
+SPLIT_FIELDS = {"train": "files", "validation": "validation_files"}
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """What every file source has. files / validation_files: globs (one string or several) of
+  the train / validation split (local or gs://; a directory means every file under it).
+  min_tokens / max_tokens: keep documents of that many tokens (before EOS; None: no maximum),
+  dropping the others whole (long documents are windowed, never truncated).
+  on_decode_error: "raise" (the default) on bytes that are not UTF-8, or "skip" such documents
+  (JSONL: such lines) with one counted warning per split and process."""
+  name: str
+  files: str | tuple[str, ...]
+  validation_files: str | tuple[str, ...] = ()
+  min_tokens: int = 0
+  max_tokens: int | None = None
+  on_decode_error: str = "raise"
+
+  def __post_init__(self):
+    check_types(self)  # a wrong-typed gin binding fails here, naming it
+    for field in SPLIT_FIELDS.values():  # gin gives lists; one glob may be a plain string
+      value = getattr(self, field)
+      object.__setattr__(self, field, (value,) if isinstance(value, str) else tuple(value))
+    what = self.describe()
+    if not self.name:
+      raise ConfigError(f"{type(self).__name__}.name is empty: it names the seqio task.")
+    if not self.files:
+      raise ConfigError(f"{what}.files is empty. Fix: give the training files' glob(s).")
+    if self.on_decode_error not in readers.DECODE_ERRORS:
+      raise ConfigError(f"{what}.on_decode_error={self.on_decode_error!r} is not one of "
+                        f"{readers.DECODE_ERRORS}.")
+    if self.min_tokens < 0 or (self.max_tokens is not None and self.max_tokens < max(
+        self.min_tokens, 1)):
+      raise ConfigError(f"{what}: min_tokens={self.min_tokens}, max_tokens={self.max_tokens} "
+                        "keep no document. Fix: 0 <= min_tokens <= max_tokens (or None).")
+
+  def describe(self) -> str:
+    return f"{type(self).__name__} {self.name!r}"
+
+  def documents(self, path: str, skipped: readers.Skipped):
+    """Yields the texts of the documents in one file."""
+    raise NotImplementedError
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TextSource(Source):
+  """Plain UTF-8 text files: one document per file (delimiter ""), or documents separated by
+  `delimiter` (e.g. "\\n\\n\\n" or "<|endoftext|>"; empty pieces dropped)."""
+  delimiter: str = ""
+
+  def documents(self, path, skipped):
+    return readers.text_documents(path, self.delimiter, self.on_decode_error, skipped)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class JsonlSource(Source):
+  """JSON Lines files (gzip when the name ends in .gz), one document per line: the string
+  `text_field`. filters: "field op value" expressions that must all hold for a line to be
+  kept (op one of == != >= <= > <, value a JSON literal, field dotted for nested objects; a
+  line without the field is dropped), e.g. ('meta.source == "arxiv"', 'length >= 65536')."""
+  text_field: str = "text"
+  filters: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    super().__post_init__()
+    object.__setattr__(self, "filters", tuple(self.filters))
+    for expression in self.filters:  # malformed filters fail before any file is read
+      readers.parse_filter(expression, f"{self.describe()}.filters")
+
+  def documents(self, path, skipped):
+    return readers.jsonl_documents(path, self.text_field, self.filters, self.on_decode_error,
+                                   skipped)
+
+
+def check_names(sources: tuple[Source, ...], builtin: tuple[str, ...]) -> None:
+  """ConfigError if two sources, or a source and a built-in task, share a name."""
+  names = [s.name for s in sources]
+  for name in names:
+    if names.count(name) > 1 or name in builtin:
+      raise ConfigError(f"DataConfig.sources: the task name {name!r} is used twice (built-in "
+                        f"tasks: {list(builtin)}). Fix: give each source its own name.")
+
+
+def shard_documents(source: Source, split: str, shard_index: int, num_shards: int):
+  """Yields this process's documents of a split (module doc); logs how many were skipped as
+  undecodable once all are read."""
+  field = SPLIT_FIELDS[split]
+  globs = getattr(source, field)
+  if not globs:
+    raise DataError(f"{source.describe()} has no {field}, so no {split} split. Fix: set "
+                    f"{type(source).__name__}.{field}, or leave {source.name!r} out of "
+                    "DataConfig.eval_tasks.")
+  files = readers.expand(globs, f"{source.describe()}.{field}")
+  by_file = len(files) >= num_shards
+  skipped = readers.Skipped()
+  index = 0
+  for path in files[shard_index::num_shards] if by_file else files:
+    for text in source.documents(path, skipped):
+      if by_file or index % num_shards == shard_index:
+        yield text
+      index += 1
+  if skipped.count:
+    _log.warning("%s (%s, process %d of %d): skipped %d documents with bytes that are not "
+                 "UTF-8, the first at %s.", source.describe(), split, shard_index, num_shards,
+                 skipped.count, skipped.first)
+
+
+@functools.cache
+def source_windows(source: Source, vocabulary_name: str, sequence_length: int, split: str,
+                   shard_index: int, num_shards: int):
+  """This process's documents of a split, tokenized (each + EOS), length-filtered and cut into
+  windows: tasks.cut_windows' (tokens [N] int32, bounds [W, 2] int64)."""
+  vocab_ = vocab.from_name(vocabulary_name)
+  kept, read = [], 0
+  for text in shard_documents(source, split, shard_index, num_shards):
+    read += 1
+    ids = vocab_.encode(text)
+    if len(ids) >= source.min_tokens and (source.max_tokens is None
+                                          or len(ids) <= source.max_tokens):
+      kept.append(list(ids) + [vocab_.eos_id])
+  if not kept:
+    raise DataError(f"{source.describe()} ({split}) has no documents for process "
+                    f"{shard_index} of {num_shards}: {read} read, none with min_tokens="
+                    f"{source.min_tokens} <= tokens <= max_tokens={source.max_tokens}. Fix the "
+                    "files, the filters or the token bounds.")
+  return tasks.cut_windows(kept, sequence_length)
+
+
+class FileSource(seqio.DataSource):
+  """The seqio DataSource of a Source: shards itself (by file or by document, module doc)
+  and shuffles itself (by index), so seqio adds neither a shard of the examples nor a
+  shuffle buffer."""
+
+  def __init__(self, source: Source, vocabulary_name: str, sequence_length: int):
+    super().__init__(splits=tuple(SPLIT_FIELDS), performs_internal_shuffling=True)
+    self._source, self._vocabulary, self._length = source, vocabulary_name, sequence_length
+
+  @property
+  def supports_arbitrary_sharding(self) -> bool:
+    return True
+
+  def list_shards(self, split: str) -> list[str]:
+    field = SPLIT_FIELDS[split]
+    return readers.expand(getattr(self._source, field), f"{self._source.describe()}.{field}")
+
+  def get_dataset(self, split="train", shuffle=True, seed=None, shard_info=None, *,
+                  sequence_length=None, use_cached=False, num_epochs=1):
+    del sequence_length, use_cached, num_epochs  # windows of the row length; the task repeats
+    index, shards = (shard_info.index, shard_info.num_shards) if shard_info else (0, 1)
+    tokens, bounds = source_windows(self._source, self._vocabulary, self._length, split,
+                                    index, shards)
+    return tasks.windows_dataset(tokens, bounds, shuffle, seed)
+
+
+def register_sources(cfg) -> None:
+  """(Re)registers a seqio Task for each of DataConfig `cfg`'s sources (plain LM)."""
+  features = tasks.output_features(cfg)
+  for source in cfg.sources:
+    tasks.register_task(source.name, FileSource(source, cfg.vocabulary, cfg.sequence_length),
+                        [], features, answers=False)
