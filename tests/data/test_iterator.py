@@ -1,40 +1,19 @@
 import numpy as np
 
 import lcjax.data as data
-from tests.data.helpers import documents
-
-
-def _same(a, b):
-  return len(a) == len(b) and all(
-      x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b)
-  )
-
-
-def _check_round_trip(cfg, batch_size, skip, check):
-  it = data.make_train_iterator(cfg, batch_size=batch_size)
-  for _ in range(skip):
-    next(it)
-  state = it.state()
-  assert isinstance(state, bytes) and len(state) < 1_000_000
-  expected = [next(it) for _ in range(check)]
-  fresh = data.make_train_iterator(cfg, batch_size=batch_size)
-  fresh.restore(state)
-  assert _same([next(fresh) for _ in range(check)], expected)
-  # Restoring rewinds an iterator that already moved past the state.
-  it.restore(state)
-  assert _same([next(it) for _ in range(check)], expected)
+from tests.data.helpers import check_round_trip, documents, same
 
 
 def test_state_round_trip_is_exact_for_the_mixture():
   cfg = data.DataConfig(train_mixture="lcjax_demo", sequence_length=512, seed=7)
-  _check_round_trip(cfg, batch_size=8, skip=5, check=6)
+  check_round_trip(cfg, batch_size=8, skip=5, check=6)
 
 
 def test_state_round_trip_is_exact_with_the_anchor():
   """The partial row in the checkpoint starts with the anchor; positions run on."""
   cfg = data.DataConfig(train_mixture="lcjax_demo", sequence_length=512, seed=3, anchor=True,
                         continuous_positions=True)
-  _check_round_trip(cfg, batch_size=2, skip=3, check=3)
+  check_round_trip(cfg, batch_size=2, skip=3, check=3)
 
 
 def test_seed_changes_order_and_same_seed_repeats():
@@ -42,8 +21,8 @@ def test_seed_changes_order_and_same_seed_repeats():
   b = data.make_train_iterator(data.DataConfig(seed=1), batch_size=4)
   c = data.make_train_iterator(data.DataConfig(seed=2), batch_size=4)
   first = [next(a) for _ in range(2)]
-  assert _same(first, [next(b) for _ in range(2)])
-  assert not _same(first, [next(c) for _ in range(2)])
+  assert same(first, [next(b) for _ in range(2)])
+  assert not same(first, [next(c) for _ in range(2)])
 
 
 def test_shards_are_disjoint_and_cover_the_data(gin_bindings):
@@ -67,7 +46,7 @@ def test_eval_batches_are_deterministic():
   for task in cfg.eval_tasks:
     a = data.make_eval_batches(cfg, task, batch_size=4, num_batches=3)
     b = data.make_eval_batches(cfg, task, batch_size=4, num_batches=3)
-    assert len(a) == 3 and _same(a, b)
+    assert len(a) == 3 and same(a, b)
 
 
 def test_per_document_weights_make_every_document_weigh_one():
