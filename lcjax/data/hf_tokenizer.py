@@ -94,19 +94,24 @@ class HfTokenizerVocabulary(seqio.Vocabulary):
 
   def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
     """A scalar string -> int32 [n] (a host callback: the tokenizer is not a TF op)."""
-    ids = tf.numpy_function(lambda b: np.array(self._encode(b.decode("utf-8")), np.int32),
-                            [s], tf.int32, stateful=False)
+    ids = tf.numpy_function(
+        lambda b: np.array(self._encode(np.asarray(b).item().decode("utf-8")), np.int32),
+        [s], tf.int32, stateful=False)
     return tf.ensure_shape(ids, [None])
 
-  def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
-    """int [..., n] -> string [...] (a host callback)."""
+  def decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+    """int [..., n] -> string [...], each row through its first EOS as `decode` (a host
+    callback; seqio's own would write pad id 0, a real token here, after the EOS)."""
     def decode_rows(a):
       rows = a.reshape(-1, a.shape[-1])
-      return np.array([self._decode(r).encode("utf-8") for r in rows],
+      return np.array([self.decode(r.tolist()).encode("utf-8") for r in rows],
                       object).reshape(a.shape[:-1])
 
     out = tf.numpy_function(decode_rows, [ids], tf.string, stateful=False)
     return tf.ensure_shape(out, ids.shape[:-1])
+
+  def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+    return self.decode_tf(ids)
 
   def __eq__(self, other) -> bool:
     return (isinstance(other, HfTokenizerVocabulary) and self._path == other._path
