@@ -1,5 +1,6 @@
-"""Data layer: vocabularies, seqio tasks (each declaring whether it has answers), packing and
-checkpointable batch iterators. Imports no lcjax package but lcjax.config.
+"""Data layer: vocabularies, seqio tasks (each declaring whether it has answers), corpora of
+one's own from gin (sources.py), packing and checkpointable batch iterators. Imports no lcjax
+package but lcjax.config.
 
 This is the only package that imports tensorflow / seqio. Importing it keeps
 TensorFlow off the GPUs (JAX owns them) and quiet.
@@ -36,11 +37,14 @@ from lcjax.data.pipeline import (  # noqa: E402
     make_train_iterator,
     vocabulary,
 )
+from lcjax.data.sources import JsonlSource, TextSource  # noqa: E402
 from lcjax.data.tasks import register_tasks  # noqa: E402
 
 __all__ = [
     "BatchIterator",
     "DataConfig",
+    "JsonlSource",
+    "TextSource",
     "make_eval_batches",
     "make_train_iterator",
     "register_tasks",

@@ -10,7 +10,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 import lcjax.data as data
-from lcjax.data import hf_tokenizer, sources
+from lcjax.data import sources
 from lcjax.errors import ConfigError
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.",

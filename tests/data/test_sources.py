@@ -146,7 +146,8 @@ def test_empty_file(tmp_path):
 def test_undecodable_bytes_raise_or_skip(tmp_path, caplog):
   path = _write(tmp_path / "bad.txt", b"good one|bad \xff here|good two")
   source = sources.TextSource(name="x", files=path, validation_files=path, delimiter="|")
-  with pytest.raises(DataError, match=re.escape(f"{path} at byte offset 13: bytes that are not UTF-8")):
+  where = re.escape(f"{path} at byte offset 13: bytes that are not UTF-8")
+  with pytest.raises(DataError, match=where):
     _eval_tokens(source)
   skipping = sources.TextSource(name="x", files=path, validation_files=path, delimiter="|",
                                 on_decode_error="skip")
