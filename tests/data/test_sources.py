@@ -95,6 +95,10 @@ def test_sources_from_gin(tmp_path):
   """)
   try:
     cfg = data.DataConfig(train_mixture="code", sequence_length=LENGTH)
+    written = gin.operative_config_str()  # what a run writes to DIR/config.<step>.gin
+    gin.clear_config()
+    gin.parse_config(written)
+    assert data.DataConfig(train_mixture="code", sequence_length=LENGTH) == cfg
   finally:
     gin.clear_config()
   assert cfg.sources == (sources.JsonlSource("code", (path,), (path,), text_field="body"),)
