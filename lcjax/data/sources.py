@@ -21,6 +21,7 @@ import functools
 import logging
 
 import gin
+import numpy as np
 import seqio
 
 from lcjax.config import check_types
@@ -137,6 +138,21 @@ def shard_documents(source: Source, split: str, shard_index: int, num_shards: in
                  skipped.count, skipped.first)
 
 
+def _encode_chunks(vocab_, texts, chunk: int = 256):
+  """Yields each text's ids, several texts at a time where the vocabulary can (encode_batch)."""
+  batch = getattr(vocab_, "encode_batch", None)
+  if batch is None:
+    yield from map(vocab_.encode, texts)
+    return
+  pending = []
+  for text in texts:
+    pending.append(text)
+    if len(pending) == chunk:
+      yield from batch(pending)
+      pending = []
+  yield from batch(pending) if pending else ()
+
+
 @functools.cache
 def source_windows(source: Source, vocabulary_name: str, sequence_length: int, split: str,
                    shard_index: int, num_shards: int):
@@ -144,12 +160,11 @@ def source_windows(source: Source, vocabulary_name: str, sequence_length: int, s
   windows: tasks.cut_windows' (tokens [N] int32, bounds [W, 2] int64)."""
   vocab_ = vocab.from_name(vocabulary_name)
   kept, read = [], 0
-  for text in shard_documents(source, split, shard_index, num_shards):
+  for ids in _encode_chunks(vocab_, shard_documents(source, split, shard_index, num_shards)):
     read += 1
-    ids = vocab_.encode(text)
     if len(ids) >= source.min_tokens and (source.max_tokens is None
                                           or len(ids) <= source.max_tokens):
-      kept.append(list(ids) + [vocab_.eos_id])
+      kept.append(np.array([*ids, vocab_.eos_id], np.int32))
   if not kept:
     raise DataError(f"{source.describe()} ({split}) has no documents for process "
                     f"{shard_index} of {num_shards}: {read} read, none with min_tokens="

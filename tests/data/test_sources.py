@@ -192,3 +192,17 @@ def test_config_errors(tmp_path):
   too_short = sources.TextSource(name="x", files=path, min_tokens=100)
   with pytest.raises(DataError, match="1 read, none with min_tokens=100"):
     data.make_train_iterator(_config(too_short), batch_size=1)
+
+
+def test_batched_encoding_keeps_every_text_in_order():
+  class Batched:
+    encode = staticmethod(BYTE.encode)
+
+    @staticmethod
+    def encode_batch(texts):
+      return [BYTE.encode(t) for t in texts]
+
+  texts = [f"text {i}" for i in range(5)]
+  want = [BYTE.encode(t) for t in texts]
+  assert list(sources._encode_chunks(Batched, iter(texts), chunk=2)) == want
+  assert list(sources._encode_chunks(BYTE, iter(texts))) == want
