@@ -32,41 +32,78 @@ SPLIT_FIELDS = {"train": "files", "validation": "validation_files"}
 _log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Source:
-  """What every file source has. files / validation_files: globs (one string or several) of
-  the train / validation split (local or gs://; a directory means every file under it).
-  min_tokens / max_tokens: keep documents of that many tokens (before EOS; None: no maximum),
-  dropping the others whole (long documents are windowed, never truncated).
-  on_decode_error: "raise" (the default) on bytes that are not UTF-8, or "skip" such documents
-  (JSONL: such lines) with one counted warning per split and process."""
+  """What every source has: the task `name`, and min_tokens / max_tokens, which keep documents
+  of that many tokens (before EOS; None: no maximum), dropping the others whole (long
+  documents are windowed, never truncated).
+
+  A source yields this process's documents of a split as token ids (`token_ids`); file sources
+  (FilesSource) read texts and tokenize them. A source of another kind overrides `token_ids`
+  (pre-tokenized: ids as stored) or `texts` and `shards` (e.g. TFDS)."""
   name: str
-  files: str | tuple[str, ...]
-  validation_files: str | tuple[str, ...] = ()
   min_tokens: int = 0
   max_tokens: int | None = None
-  on_decode_error: str = "raise"
 
   def __post_init__(self):
     check_types(self)  # a wrong-typed gin binding fails here, naming it
-    for field in SPLIT_FIELDS.values():  # gin gives lists; one glob may be a plain string
-      value = getattr(self, field)
-      object.__setattr__(self, field, (value,) if isinstance(value, str) else tuple(value))
-    what = self.describe()
     if not self.name:
       raise ConfigError(f"{type(self).__name__}.name is empty: it names the seqio task.")
-    if not self.files:
-      raise ConfigError(f"{what}.files is empty. Fix: give the training files' glob(s).")
-    if self.on_decode_error not in readers.DECODE_ERRORS:
-      raise ConfigError(f"{what}.on_decode_error={self.on_decode_error!r} is not one of "
-                        f"{readers.DECODE_ERRORS}.")
     if self.min_tokens < 0 or (self.max_tokens is not None and self.max_tokens < max(
         self.min_tokens, 1)):
-      raise ConfigError(f"{what}: min_tokens={self.min_tokens}, max_tokens={self.max_tokens} "
-                        "keep no document. Fix: 0 <= min_tokens <= max_tokens (or None).")
+      raise ConfigError(f"{self.describe()}: min_tokens={self.min_tokens}, max_tokens="
+                        f"{self.max_tokens} keep no document. Fix: 0 <= min_tokens <= "
+                        "max_tokens (or None).")
 
   def describe(self) -> str:
     return f"{type(self).__name__} {self.name!r}"
+
+  def shards(self, split: str) -> list[str]:
+    """The units a split is shared out in between processes (seqio's list_shards)."""
+    raise NotImplementedError
+
+  def texts(self, split: str, shard_index: int, num_shards: int):
+    """Yields the texts of this process's documents of a split."""
+    raise NotImplementedError
+
+  def token_ids(self, vocab_, split: str, shard_index: int, num_shards: int):
+    """Yields the token ids (no EOS) of this process's documents of a split."""
+    return _encode_chunks(vocab_, self.texts(split, shard_index, num_shards))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FilesSource(Source):
+  """A source read from files. files / validation_files: globs (one string or several) of the
+  train / validation split (local or gs://; a directory means every file under it).
+  on_decode_error: "raise" (the default) on bytes that are not UTF-8, or "skip" such documents
+  (JSONL: such lines) with one counted warning per split and process."""
+  files: str | tuple[str, ...]
+  validation_files: str | tuple[str, ...] = ()
+  on_decode_error: str = "raise"
+
+  def __post_init__(self):
+    super().__post_init__()
+    for field in SPLIT_FIELDS.values():  # gin gives lists; one glob may be a plain string
+      value = getattr(self, field)
+      object.__setattr__(self, field, (value,) if isinstance(value, str) else tuple(value))
+    if not self.files:
+      raise ConfigError(f"{self.describe()}.files is empty. Fix: give the training files' "
+                        "glob(s).")
+    if self.on_decode_error not in readers.DECODE_ERRORS:
+      raise ConfigError(f"{self.describe()}.on_decode_error={self.on_decode_error!r} is not "
+                        f"one of {readers.DECODE_ERRORS}.")
+
+  def shards(self, split):
+    field = SPLIT_FIELDS[split]
+    globs = getattr(self, field)
+    if not globs:
+      raise DataError(f"{self.describe()} has no {field}, so no {split} split. Fix: set "
+                      f"{type(self).__name__}.{field}, or leave {self.name!r} out of "
+                      "DataConfig.eval_tasks.")
+    return readers.expand(globs, f"{self.describe()}.{field}")
+
+  def texts(self, split, shard_index, num_shards):
+    return shard_documents(self, split, shard_index, num_shards)
 
   def documents(self, path: str, skipped: readers.Skipped):
     """Yields the texts of the documents in one file."""
@@ -74,8 +111,8 @@ class Source:
 
 
 @gin.configurable
-@dataclasses.dataclass(frozen=True)
-class TextSource(Source):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TextSource(FilesSource):
   """Plain UTF-8 text files: one document per file (delimiter ""), or documents separated by
   `delimiter` (e.g. "\\n\\n\\n" or "<|endoftext|>"; empty pieces dropped)."""
   delimiter: str = ""
@@ -85,8 +122,8 @@ class TextSource(Source):
 
 
 @gin.configurable
-@dataclasses.dataclass(frozen=True)
-class JsonlSource(Source):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JsonlSource(FilesSource):
   """JSON Lines files (gzip when the name ends in .gz), one document per line: the string
   `text_field`. filters: "field op value" expressions that must all hold for a line to be
   kept (op one of == != >= <= > <, value a JSON literal, field dotted for nested objects; a
@@ -114,16 +151,10 @@ def check_names(sources: tuple[Source, ...], builtin: tuple[str, ...]) -> None:
                         f"tasks: {list(builtin)}). Fix: give each source its own name.")
 
 
-def shard_documents(source: Source, split: str, shard_index: int, num_shards: int):
+def shard_documents(source: FilesSource, split: str, shard_index: int, num_shards: int):
   """Yields this process's documents of a split (module doc); logs how many were skipped as
   undecodable once all are read."""
-  field = SPLIT_FIELDS[split]
-  globs = getattr(source, field)
-  if not globs:
-    raise DataError(f"{source.describe()} has no {field}, so no {split} split. Fix: set "
-                    f"{type(source).__name__}.{field}, or leave {source.name!r} out of "
-                    "DataConfig.eval_tasks.")
-  files = readers.expand(globs, f"{source.describe()}.{field}")
+  files = source.shards(split)
   by_file = len(files) >= num_shards
   skipped = readers.Skipped()
   index = 0
@@ -160,7 +191,7 @@ def source_windows(source: Source, vocabulary_name: str, sequence_length: int, s
   windows: tasks.cut_windows' (tokens [N] int32, bounds [W, 2] int64)."""
   vocab_ = vocab.from_name(vocabulary_name)
   kept, read = [], 0
-  for ids in _encode_chunks(vocab_, shard_documents(source, split, shard_index, num_shards)):
+  for ids in source.token_ids(vocab_, split, shard_index, num_shards):
     read += 1
     if len(ids) >= source.min_tokens and (source.max_tokens is None
                                           or len(ids) <= source.max_tokens):
@@ -173,13 +204,13 @@ def source_windows(source: Source, vocabulary_name: str, sequence_length: int, s
   return tasks.cut_windows(kept, sequence_length)
 
 
-class FileSource(seqio.DataSource):
+class WindowedSource(seqio.DataSource):
   """The seqio DataSource of a Source: shards itself (by file or by document, module doc)
   and shuffles itself (by index), so seqio adds neither a shard of the examples nor a
   shuffle buffer."""
 
   def __init__(self, source: Source, vocabulary_name: str, sequence_length: int):
-    super().__init__(splits=tuple(SPLIT_FIELDS), performs_internal_shuffling=True)
+    super().__init__(splits=tasks.SPLITS, performs_internal_shuffling=True)
     self._source, self._vocabulary, self._length = source, vocabulary_name, sequence_length
 
   @property
@@ -187,8 +218,7 @@ class FileSource(seqio.DataSource):
     return True
 
   def list_shards(self, split: str) -> list[str]:
-    field = SPLIT_FIELDS[split]
-    return readers.expand(getattr(self._source, field), f"{self._source.describe()}.{field}")
+    return self._source.shards(split)
 
   def get_dataset(self, split="train", shuffle=True, seed=None, shard_info=None, *,
                   sequence_length=None, use_cached=False, num_epochs=1):
@@ -203,5 +233,5 @@ def register_sources(cfg) -> None:
   """(Re)registers a seqio Task for each of DataConfig `cfg`'s sources (plain LM)."""
   features = tasks.output_features(cfg)
   for source in cfg.sources:
-    tasks.register_task(source.name, FileSource(source, cfg.vocabulary, cfg.sequence_length),
-                        [], features, answers=False)
+    windows = WindowedSource(source, cfg.vocabulary, cfg.sequence_length)
+    tasks.register_task(source.name, windows, [], features, answers=False)

@@ -101,7 +101,9 @@ def test_sources_from_gin(tmp_path):
     assert data.DataConfig(train_mixture="code", sequence_length=LENGTH) == cfg
   finally:
     gin.clear_config()
-  assert cfg.sources == (sources.JsonlSource("code", (path,), (path,), text_field="body"),)
+  want = sources.JsonlSource(name="code", files=(path,), validation_files=(path,),
+                             text_field="body")
+  assert cfg.sources == (want,)
   (batch,) = data.make_eval_batches(cfg, "code", batch_size=1, num_batches=1)
   assert np.array_equal(batch["targets"][0][batch["segment_ids"][0] > 0], _ids("from gin"))
 
@@ -206,3 +208,12 @@ def test_batched_encoding_keeps_every_text_in_order():
   want = [BYTE.encode(t) for t in texts]
   assert list(sources._encode_chunks(Batched, iter(texts), chunk=2)) == want
   assert list(sources._encode_chunks(BYTE, iter(texts))) == want
+
+
+def test_length_buckets_take_a_source(tmp_path):
+  path = _write(tmp_path / "a.txt", "|".join(f"document {i} " * i for i in range(1, 9)))
+  source = sources.TextSource(name="bucketed", files=path, delimiter="|")
+  cfg = _config(source, length_buckets=(8, 16))
+  it = data.make_train_iterator(cfg, batch_size=2, steps=4)
+  widths = {next(it)["targets"].shape for _ in range(4)}
+  assert widths <= {(2, 16), (4, 8)} and widths
