@@ -39,12 +39,14 @@ from lcjax.data.pipeline import (  # noqa: E402
 )
 from lcjax.data.sources import JsonlSource, TextSource  # noqa: E402
 from lcjax.data.tasks import register_tasks  # noqa: E402
+from lcjax.data.tokenized import TokenSource  # noqa: E402
 
 __all__ = [
     "BatchIterator",
     "DataConfig",
     "JsonlSource",
     "TextSource",
+    "TokenSource",
     "make_eval_batches",
     "make_train_iterator",
     "register_tasks",

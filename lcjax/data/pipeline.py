@@ -16,6 +16,7 @@ from lcjax.data import buckets as buckets_lib
 from lcjax.data import converter
 from lcjax.data import sources as sources_lib
 from lcjax.data import tasks
+from lcjax.data import tokenized  # noqa: F401  (registers TokenSource with gin)
 from lcjax.data.converter import MaskedLMFeatureConverter
 from lcjax.data.vocab import vocabulary  # noqa: F401  (public re-export)
 from lcjax.errors import ConfigError
@@ -29,8 +30,8 @@ class DataConfig:
   sequence_length: int = 512  # packed row length
   # "byte", a SentencePiece .model file or a Hugging Face tokenizer.json (vocab.from_name)
   vocabulary: str = "byte"
-  # Corpora of one's own (sources.py: @name/TextSource(), @name/JsonlSource()), each
-  # registered as a seqio task of its name.
+  # Corpora of one's own (sources.py: @name/TextSource(), @name/JsonlSource(); tokenized.py:
+  # @name/TokenSource()), each registered as a seqio task of its name.
   sources: tuple[sources_lib.Source, ...] = ()
   seed: int = 0
   # How training weighs loss tokens: "tokens", each the same (a 256-token text window then

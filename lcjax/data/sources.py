@@ -66,9 +66,11 @@ class Source:
     """Yields the texts of this process's documents of a split."""
     raise NotImplementedError
 
-  def token_ids(self, vocab_, split: str, shard_index: int, num_shards: int):
-    """Yields the token ids (no EOS) of this process's documents of a split."""
-    return _encode_chunks(vocab_, self.texts(split, shard_index, num_shards))
+  def token_ids(self, vocabulary_name: str, split: str, shard_index: int, num_shards: int):
+    """Yields the token ids (no EOS; DataConfig.vocabulary's) of this process's documents of a
+    split."""
+    return _encode_chunks(vocab.from_name(vocabulary_name),
+                          self.texts(split, shard_index, num_shards))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -191,7 +193,7 @@ def source_windows(source: Source, vocabulary_name: str, sequence_length: int, s
   windows: tasks.cut_windows' (tokens [N] int32, bounds [W, 2] int64)."""
   vocab_ = vocab.from_name(vocabulary_name)
   kept, read = [], 0
-  for ids in source.token_ids(vocab_, split, shard_index, num_shards):
+  for ids in source.token_ids(vocabulary_name, split, shard_index, num_shards):
     read += 1
     if len(ids) >= source.min_tokens and (source.max_tokens is None
                                           or len(ids) <= source.max_tokens):
