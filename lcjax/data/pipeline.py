@@ -14,6 +14,7 @@ import tensorflow as tf
 from lcjax.config import check_positive, check_types
 from lcjax.data import buckets as buckets_lib
 from lcjax.data import converter
+from lcjax.data import mixtures as mixtures_lib
 from lcjax.data import sources as sources_lib
 from lcjax.data import tasks
 from lcjax.data import tokenized  # noqa: F401  (registers TokenSource with gin)
@@ -33,6 +34,8 @@ class DataConfig:
   # Corpora of one's own (sources.py: @name/TextSource(), @name/JsonlSource(); tokenized.py:
   # @name/TokenSource()), each registered as a seqio task of its name.
   sources: tuple[sources_lib.Source, ...] = ()
+  # Mixtures by token share (mixtures.py: @name/TokenShareMixture()), usable as train_mixture.
+  mixtures: tuple[mixtures_lib.TokenShareMixture, ...] = ()
   seed: int = 0
   # How training weighs loss tokens: "tokens", each the same (a 256-token text window then
   # outweighs a 6-token answer 40 to 1), or "documents", each document's weights summing to
@@ -54,8 +57,10 @@ class DataConfig:
 
   def __post_init__(self):
     check_types(self)  # a wrong-typed gin binding fails here, naming it
-    object.__setattr__(self, "sources", tuple(self.sources))  # gin gives a list
-    sources_lib.check_names(self.sources, tasks.TASKS + (tasks.DEMO,))
+    for field in ("sources", "mixtures"):  # gin gives lists
+      object.__setattr__(self, field, tuple(getattr(self, field)))
+    sources_lib.check_names([x.name for x in self.sources + self.mixtures],
+                            tasks.TASKS + (tasks.DEMO,))
     check_positive(self, ("sequence_length",))  # before the tasks divide by it
     if self.loss_normalization not in ("tokens", "documents"):
       raise ConfigError(f"DataConfig.loss_normalization={self.loss_normalization!r} is not "
@@ -161,7 +166,13 @@ def make_train_iterator(
   batches the run takes, which the length-bucket curriculum spreads its cycles over.
   """
   lengths = _register_tasks(cfg)
+  shard = seqio.ShardInfo(index=shard_index, num_shards=num_shards)
+  for mixture in cfg.mixtures:  # rates from this process's examples
+    mixtures_lib.register(mixture, lengths, cfg.seed, shard)
   _check_name(cfg.train_mixture, "train_mixture", allow_mixture=True)
+  for mixture in cfg.mixtures:
+    if mixture.name == cfg.train_mixture:
+      mixtures_lib.report(mixture, lengths, cfg.seed, shard, batch_size)
   if cfg.length_buckets:
     if steps is None:
       raise ValueError("make_train_iterator with DataConfig.length_buckets needs `steps`.")
@@ -177,7 +188,7 @@ def make_train_iterator(
       dataset_split="train",
       shuffle=True,
       num_epochs=None,
-      shard_info=seqio.ShardInfo(index=shard_index, num_shards=num_shards),
+      shard_info=shard,
       seed=cfg.seed,
       batch_size=batch_size,
       verbose=False,

@@ -144,13 +144,13 @@ class JsonlSource(FilesSource):
                                    skipped)
 
 
-def check_names(sources: tuple[Source, ...], builtin: tuple[str, ...]) -> None:
-  """ConfigError if two sources, or a source and a built-in task, share a name."""
-  names = [s.name for s in sources]
+def check_names(names: list[str], builtin: tuple[str, ...]) -> None:
+  """ConfigError if two of the tasks and mixtures that DataConfig adds, or one of them and a
+  built-in task, share a name."""
   for name in names:
     if names.count(name) > 1 or name in builtin:
-      raise ConfigError(f"DataConfig.sources: the task name {name!r} is used twice (built-in "
-                        f"tasks: {list(builtin)}). Fix: give each source its own name.")
+      raise ConfigError(f"DataConfig.sources / mixtures: the name {name!r} is used twice "
+                        f"(built-in tasks: {list(builtin)}). Fix: give each its own name.")
 
 
 def shard_documents(source: FilesSource, split: str, shard_index: int, num_shards: int):
