@@ -1,4 +1,5 @@
-"""Corpora of one's own, from gin: plain text and JSONL files as seqio tasks.
+"""Corpora of one's own, from gin: plain text and JSONL files (and, in tokenized.py,
+pre-tokenized ones) as seqio tasks.
 
 Each source is a gin-configurable frozen dataclass named in `DataConfig.sources`; it becomes a
 seqio Task of its `name` (usable as DataConfig.train_mixture, in eval_tasks with
