@@ -37,8 +37,10 @@ from lcjax.data.pipeline import (  # noqa: E402
     make_train_iterator,
     vocabulary,
 )
+from lcjax.data.mixtures import TokenShareMixture  # noqa: E402
 from lcjax.data.sources import JsonlSource, TextSource  # noqa: E402
 from lcjax.data.tasks import register_tasks  # noqa: E402
+from lcjax.data.tfds_source import TfdsSource  # noqa: E402
 from lcjax.data.tokenized import TokenSource  # noqa: E402
 
 __all__ = [
@@ -46,6 +48,8 @@ __all__ = [
     "DataConfig",
     "JsonlSource",
     "TextSource",
+    "TfdsSource",
+    "TokenShareMixture",
     "TokenSource",
     "make_eval_batches",
     "make_train_iterator",

@@ -17,7 +17,7 @@ from lcjax.data import converter
 from lcjax.data import mixtures as mixtures_lib
 from lcjax.data import sources as sources_lib
 from lcjax.data import tasks
-from lcjax.data import tokenized  # noqa: F401  (registers TokenSource with gin)
+from lcjax.data import tfds_source, tokenized  # noqa: F401  (register their sources with gin)
 from lcjax.data.converter import MaskedLMFeatureConverter
 from lcjax.data.vocab import vocabulary  # noqa: F401  (public re-export)
 from lcjax.errors import ConfigError
@@ -32,7 +32,7 @@ class DataConfig:
   # "byte", a SentencePiece .model file or a Hugging Face tokenizer.json (vocab.from_name)
   vocabulary: str = "byte"
   # Corpora of one's own (sources.py: @name/TextSource(), @name/JsonlSource(); tokenized.py:
-  # @name/TokenSource()), each registered as a seqio task of its name.
+  # @name/TokenSource(); tfds_source.py: @name/TfdsSource()), each a seqio task of its name.
   sources: tuple[sources_lib.Source, ...] = ()
   # Mixtures by token share (mixtures.py: @name/TokenShareMixture()), usable as train_mixture.
   mixtures: tuple[mixtures_lib.TokenShareMixture, ...] = ()
