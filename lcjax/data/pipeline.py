@@ -54,6 +54,9 @@ class DataConfig:
   length_buckets: tuple[int, ...] = ()
   bucket_odds: tuple[float, ...] | None = None
   bucket_cycles: int = 1
+  # Training batches tf.data prepares ahead, on its own threads, while the step runs (0: none).
+  # The iterator state then holds them too (rows x length x 20 bytes each): exact, not smaller.
+  prefetch_batches: int = 0
 
   def __post_init__(self):
     check_types(self)  # a wrong-typed gin binding fails here, naming it
@@ -62,6 +65,8 @@ class DataConfig:
     sources_lib.check_names([x.name for x in self.sources + self.mixtures],
                             tasks.TASKS + (tasks.DEMO,))
     check_positive(self, ("sequence_length",))  # before the tasks divide by it
+    if self.prefetch_batches < 0:
+      raise ConfigError(f"DataConfig.prefetch_batches={self.prefetch_batches} is negative.")
     if self.loss_normalization not in ("tokens", "documents"):
       raise ConfigError(f"DataConfig.loss_normalization={self.loss_normalization!r} is not "
                         "'tokens' or 'documents'.")
@@ -177,10 +182,10 @@ def make_train_iterator(
     if steps is None:
       raise ValueError("make_train_iterator with DataConfig.length_buckets needs `steps`.")
     normalize = per_document_weights if cfg.loss_normalization == "documents" else None
-    return BatchIterator(_deterministic(buckets_lib.make_bucketed_dataset(
+    return _train_iterator(cfg, buckets_lib.make_bucketed_dataset(
         cfg.train_mixture, cfg.buckets, sequence_length=cfg.sequence_length,
         batch_size=batch_size, steps=steps, seed=cfg.seed, shard_index=shard_index,
-        num_shards=num_shards, normalize=normalize)))
+        num_shards=num_shards, normalize=normalize))
   ds = seqio.get_dataset(
       cfg.train_mixture,
       task_feature_lengths=lengths,
@@ -195,7 +200,12 @@ def make_train_iterator(
   )
   if cfg.loss_normalization == "documents":
     ds = ds.map(per_document_weights)
-  return BatchIterator(_deterministic(ds))
+  return _train_iterator(cfg, ds)
+
+
+def _train_iterator(cfg: DataConfig, ds: tf.data.Dataset) -> BatchIterator:
+  ds = _deterministic(ds)
+  return BatchIterator(ds.prefetch(cfg.prefetch_batches) if cfg.prefetch_batches else ds)
 
 
 def per_document_weights(batch: dict) -> dict:

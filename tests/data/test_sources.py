@@ -217,3 +217,11 @@ def test_length_buckets_take_a_source(tmp_path):
   it = data.make_train_iterator(cfg, batch_size=2, steps=4)
   widths = {next(it)["targets"].shape for _ in range(4)}
   assert widths <= {(2, 16), (4, 8)} and widths
+
+
+def test_prefetched_batches_resume_exactly(tmp_path):
+  path = _write(tmp_path / "d.txt", "|".join(f"prefetched {i} " * (1 + i % 3) for i in range(9)))
+  source = sources.TextSource(name="ahead", files=path, delimiter="|")
+  check_round_trip(_config(source, prefetch_batches=3), batch_size=2, skip=4, check=4)
+  with pytest.raises(ConfigError, match="prefetch_batches=-1 is negative"):
+    _config(source, prefetch_batches=-1)
