@@ -18,6 +18,7 @@ from lcjax.errors import ConfigError, DataError
 DECODE_ERRORS = ("raise", "skip")
 _OPS = {"==": operator.eq, "!=": operator.ne, ">=": operator.ge, "<=": operator.le,
         ">": operator.gt, "<": operator.lt}
+_WILDCARD = re.compile(r"[*?\[]")
 _FILTER = re.compile(r"^\s*([\w.\-]+)\s*(==|!=|>=|<=|>|<)\s*(.+?)\s*$")
 
 
@@ -33,7 +34,9 @@ class Skipped:
 
 
 def expand(globs: tuple[str, ...], what: str) -> list[str]:
-  """Sorted, distinct files matched by `globs` (a directory stands for every file under it).
+  """Sorted, distinct files matched by `globs`; a directory named as such (not through a
+  wildcard) stands for every file under it. Only such names are checked for being directories:
+  on a bucket that check costs a request per path.
 
   what: the config field, for the error (e.g. "TextSource 'books'.files").
   """
@@ -44,7 +47,7 @@ def expand(globs: tuple[str, ...], what: str) -> list[str]:
       raise DataError(f"{what}: no file matches {pattern!r}. Fix the path or glob (local, or "
                       "gs://bucket/dir/*.txt).")
     for path in matches:
-      if tf.io.gfile.isdir(path):
+      if not _WILDCARD.search(pattern) and tf.io.gfile.isdir(path):
         files.update(f"{root}/{name}" for root, _, names in tf.io.gfile.walk(path)
                      for name in names)
       else:

@@ -225,3 +225,11 @@ def test_prefetched_batches_resume_exactly(tmp_path):
   check_round_trip(_config(source, prefetch_batches=3), batch_size=2, skip=4, check=4)
   with pytest.raises(ConfigError, match="prefetch_batches=-1 is negative"):
     _config(source, prefetch_batches=-1)
+
+
+def test_a_directory_means_every_file_under_it(tmp_path):
+  (tmp_path / "corpus" / "nested").mkdir(parents=True)
+  _write(tmp_path / "corpus" / "a.txt", "top")
+  _write(tmp_path / "corpus" / "nested" / "b.txt", "nested")
+  source = sources.TextSource(name="dir", files=str(tmp_path / "corpus"))
+  assert _shard_texts(source, 0, 1) == {"top", "nested"}
