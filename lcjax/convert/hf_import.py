@@ -22,15 +22,12 @@ from lcjax.workdir import CHECKPOINTS, prepare_workdir
 
 TOKENIZERS = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "generation_config.json")
-# lcjax's data pipeline: pad (and every document's first input) 0, EOS 1 (lcjax.data.vocab).
-# A Llama SentencePiece model: unk 0, bos 1, eos 2.
-_SPM_NOTE = """\
-# The data pipeline uses this tokenizer, but with lcjax's id conventions: every document's
-# first input is id 0 and its end is the vocabulary's EOS, while the packing treats id 1 as
-# EOS (lcjax.data.converter). Llama's tokenizer.model has unk=0, bos=1, eos=2: fine-tuning
-# data would start documents with <unk> instead of <s>, and documents would not be separated
-# where the packing expects. Fine for smoke tests; for real fine-tuning use data tokenized
-# with lcjax's conventions, or a tokenizer trained by lcjax.data.train_spm."""
+# How the data pipeline uses a checkpoint's tokenizer, written into model.gin above the binding.
+_TOKENIZER_NOTE = """\
+# The data pipeline tokenizes with the checkpoint's own tokenizer, {which}, and ends every
+# document with its EOS token. It adds no BOS: as in every lcjax batch, a document's first input
+# is id 0 (lcjax.data.converter), which upstream models did not see in that place. Fine-tuning
+# works with it; a model that must see BOS needs data whose documents start with it."""
 
 
 def _read_config(hf_dir: str) -> dict:
@@ -112,25 +109,22 @@ def _header(hf_path: str, hf_class: str) -> str:
 
 def _copy_tokenizer(hf_dir: str, root: str, vocab_size: int) -> list[str]:
   """Copies the tokenizer files of `hf_dir` to `root` (export copies them back); returns the
-  gin lines that use a SentencePiece tokenizer.model, with its caveats. Prints one line when
+  gin lines that make the data pipeline use them: tokenizer.json (ids exactly as upstream's
+  `tokenizers`) when there is one, else a SentencePiece tokenizer.model. Prints one line when
   the data pipeline's vocabulary is not the model's."""
   from lcjax.data.vocab import from_name
 
   for name in TOKENIZERS:
     if os.path.isfile(os.path.join(hf_dir, name)):
       shutil.copyfile(os.path.join(hf_dir, name), os.path.join(root, name))
-  spm = os.path.join(root, "tokenizer.model")
-  if os.path.isfile(spm):
-    data_vocab = from_name(spm).vocab_size
-    lines = [_SPM_NOTE, f"DataConfig.vocabulary = {spm!r}"]
-  else:
-    data_vocab = from_name("byte").vocab_size
-    lines = []
-    print("No SentencePiece tokenizer.model in the checkpoint (a tokenizer.json-only model is "
-          "not supported by lcjax's data pipeline): it will use the byte vocabulary unless "
-          "DataConfig.vocabulary is set.", flush=True)
-  if vocab_size > data_vocab:
-    print(f"Warning: the model's vocabulary ({vocab_size}) is larger than the data "
-          f"vocabulary's ({data_vocab}): the data pipeline's tokens are not the model's.",
-          flush=True)
-  return lines
+  for name, which in (("tokenizer.json", "tokenizer.json through `tokenizers`"),
+                      ("tokenizer.model", "the SentencePiece tokenizer.model")):
+    path = os.path.join(root, name)
+    if os.path.isfile(path):
+      from_name(path)  # a tokenizer the pipeline cannot use fails now, not at training
+      return [_TOKENIZER_NOTE.format(which=which), f"DataConfig.vocabulary = {path!r}"]
+  print("No tokenizer.json or tokenizer.model in the checkpoint: the data pipeline will use the "
+        "byte vocabulary unless DataConfig.vocabulary is set"
+        + (f", whose ids are not the model's ({vocab_size} ids)." if vocab_size
+           > from_name("byte").vocab_size else "."), flush=True)
+  return []

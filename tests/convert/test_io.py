@@ -204,7 +204,7 @@ def test_import_writes_model_gin_that_reproduces_the_config(tmp_path, rng):
   parse_gin([str(tmp_path / "work" / "model.gin")], [])
   assert ModelConfig() == cfg
   assert TrainConfig().init_from == str(tmp_path / "work")
-  assert DataConfig().vocabulary == "byte"  # no tokenizer.model
+  assert DataConfig().vocabulary == "byte"  # no tokenizer.json or tokenizer.model
 
 
 def test_model_gin_round_trip_of_non_defaults(tmp_path):
@@ -243,9 +243,34 @@ def test_sentencepiece_tokenizer_is_bound_and_exported(tmp_path, rng):
   spm_path = str(tmp_path / "work" / "tokenizer.model")
   assert open(spm_path, "rb").read() == open(f"{hf}/tokenizer.model", "rb").read()
   text = (tmp_path / "work" / "model.gin").read_text()
-  assert "Llama's tokenizer.model has unk=0, bos=1, eos=2" in text
+  assert "It adds no BOS" in text
   parse_gin([str(tmp_path / "work" / "model.gin")], [])
   assert DataConfig().vocabulary == spm_path
   files = export_hf(str(tmp_path / "work"), str(tmp_path / "out"))
   assert "tokenizer.model" in files
   assert open(tmp_path / "out" / "tokenizer.model", "rb").read() == open(spm_path, "rb").read()
+
+
+def test_tokenizer_json_is_bound_with_upstream_ids(tmp_path, rng):
+  import tokenizers
+  from tokenizers import models, pre_tokenizers
+
+  from lcjax.config import parse_gin
+  from lcjax.data.vocab import from_name
+  from lcjax.run import DataConfig
+
+  hf = _hf_dir(tmp_path / "hf", _hf_tensors(rng))
+  words = ["<unk>", "</s>", "<eos_here>", "to", "be", "or", "not"]
+  tok = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, "<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.save(f"{hf}/tokenizer.json")
+  with open(f"{hf}/tokenizer_config.json", "w") as f:
+    json.dump({"eos_token": "<eos_here>"}, f)  # preferred to the well-known "</s>"
+  import_hf(hf, str(tmp_path / "work"))
+  parse_gin([str(tmp_path / "work" / "model.gin")], [])
+  vocab = from_name(DataConfig().vocabulary)
+  assert DataConfig().vocabulary == str(tmp_path / "work" / "tokenizer.json")
+  assert vocab.encode("to be or not to be") == tok.encode("to be or not to be").ids
+  assert vocab.eos_id == 2
+  files = export_hf(str(tmp_path / "work"), str(tmp_path / "out"))
+  assert "tokenizer.json" in files
