@@ -202,3 +202,39 @@ def test_a_recipe_runs_a_step_per_stage(tmp_path):
   rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
   assert [(r["step"], r["sequence_length"]) for r in rows] == [(1, 64), (2, 256)]
   assert summary["step"] == 2 and "eval/lcjax_passkey/exact_match" in summary["eval"]
+
+
+def test_stages_name_a_source_then_a_token_share_mixture_at_another_length(tmp_path, capsys,
+                                                                          shared_compile_cache):
+  """A corpus of one's own (TextSource) trains stage 0 at 64 tokens; stage 1 names a mixture by
+  token share of it and Shakespeare at 128 tokens: the sources are windowed at each stage's
+  length, and the mixture reports its shares when its stage starts."""
+  (tmp_path / "corpus").mkdir()
+  for i in range(4):
+    (tmp_path / "corpus" / f"{i}.txt").write_text(f"Document {i}. " * (40 + 30 * i))
+  staged = bindings(TrainConfig__steps=2, TrainConfig__eval_every=1000,
+                    DataConfig__eval_tasks=("mine",)) + [
+      "TrainConfig.batch_size = 8",
+      "mine/TextSource.name = 'mine'",
+      f"mine/TextSource.files = '{tmp_path}/corpus/[0-2].txt'",
+      f"mine/TextSource.validation_files = '{tmp_path}/corpus/3.txt'",
+      "mix/TokenShareMixture.name = 'mix'",
+      "mix/TokenShareMixture.shares = [('mine', 0.5), ('lcjax_shakespeare', 0.5)]",
+      "mix/TokenShareMixture.sample_examples = 8",
+      "mix/TokenShareMixture.report_batches = 2",
+      "DataConfig.sources = [@mine/TextSource()]",
+      "DataConfig.mixtures = [@mix/TokenShareMixture()]",
+      "TrainConfig.stages = [@own/Stage(), @mixed/Stage()]",
+      "own/Stage.steps = 1",
+      "own/Stage.sequence_length = 64",
+      "own/Stage.train_mixture = 'mine'",
+      "mixed/Stage.steps = 1",
+      "mixed/Stage.sequence_length = 128",
+      "mixed/Stage.train_mixture = 'mix'",
+  ]
+  summary = train_in_process(tmp_path / "run", staged)
+  rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+  assert [(r["step"], r["stage"], r["sequence_length"]) for r in rows] == [(1, 0, 64),
+                                                                           (2, 1, 128)]
+  assert "Token shares of mixture 'mix' over its first 2 batches" in capsys.readouterr().out
+  assert np.isfinite(summary["eval"]["eval/mine/loss"])
