@@ -11,6 +11,12 @@ tokens (documents' tokens, padding not counted), on however many cores the machi
         [--dir=/tmp/lcjax_data_bench]
 
 --spm_vocab=0 skips SentencePiece (training it on the plays takes a minute on 2 cores).
+
+A second table sets these rates beside what hybrid_125m's train steps would consume: its
+training FLOPs per token (lcjax.train.flops, exact for the architecture) at an assumed 40% MFU
+of a chip's bf16 peak, per host of chips; and so how many input processes, each as fast as the
+slowest case measured here at that length, one host would need. That consumption is computed,
+not measured.
 """
 
 import argparse
@@ -27,8 +33,12 @@ import numpy as np  # noqa: E402
 
 import lcjax.data as data  # noqa: E402
 from lcjax.data import shakespeare, tokenized, train_spm  # noqa: E402
+from lcjax.models.report import model_config  # noqa: E402
+from lcjax.train import flops  # noqa: E402
 
 TOKENS_PER_BATCH = 65536
+MFU = 0.4
+HOSTS = {"H100": 8, "TPU v5p": 4}  # chips per host
 
 
 def write_corpus(root: str) -> str:
@@ -65,6 +75,7 @@ def main():
     vocabularies.append(train_spm.train(args.spm_vocab, f"{args.dir}/spm{args.spm_vocab}"))
   print(f"| vocabulary | source | row length | start-up s | tokens/s ({args.batches} batches of "
         f"{TOKENS_PER_BATCH}) |\n|---|---|---:|---:|---:|")
+  slowest = {}
   for vocabulary in vocabularies:
     ids = f"{args.dir}/ids-{os.path.basename(vocabulary)}"
     tokenized.write(text, vocabulary, "train", ids, num_files=8)
@@ -74,8 +85,23 @@ def main():
         cfg = data.DataConfig(sources=(source,), train_mixture="plays", vocabulary=vocabulary,
                               sequence_length=length)
         startup, rate = measure(cfg, args.batches)
+        slowest[length] = min(slowest.get(length, rate), rate)
         print(f"| {os.path.basename(vocabulary)} | {type(source).__name__} | {length} | "
               f"{startup:.2f} | {rate:,.0f} |", flush=True)
+  print_consumption(slowest)
+
+
+def print_consumption(slowest: dict[int, float]) -> None:
+  """hybrid_125m's tokens/s at MFU on each host of HOSTS, and the input processes it needs."""
+  model = model_config(f"{REPO}/configs/models/hybrid_125m.gin")
+  print(f"\n| chip | row length | train GFLOPs/token | tokens/s per chip at {MFU:.0%} MFU | "
+        "chips per host | input processes per host |\n|---|---:|---:|---:|---:|---:|")
+  for chip, chips in HOSTS.items():
+    for length, rate in slowest.items():
+      per_token = flops.train_flops_per_token(model, length)
+      consumed = MFU * flops.PEAK_FLOPS[chip] / per_token
+      print(f"| {chip} | {length} | {per_token / 1e9:.2f} | {consumed:,.0f} | {chips} | "
+            f"{chips * consumed / rate:.2f} |")
 
 
 if __name__ == "__main__":
