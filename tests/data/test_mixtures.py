@@ -8,6 +8,7 @@ import seqio
 import lcjax.data as data
 from lcjax.data import mixtures, sources
 from lcjax.errors import ConfigError
+from tests.data.helpers import check_round_trip
 
 LENGTH, ROWS, BATCHES = 32, 4, 100
 TOLERANCE = 0.05  # absolute, on shares of ~12.8K tokens
@@ -75,3 +76,13 @@ def test_bad_mixtures(tmp_path):
   with pytest.raises(ConfigError, match="the name 'short' is used twice"):
     data.DataConfig(sources=_sources(tmp_path),
                     mixtures=(mixtures.TokenShareMixture(name="short", shares=[("long", 1)]),))
+
+
+def test_resume_is_exact(tmp_path):
+  """A restarted process re-estimates the same rates (same seed and share), so the restored
+  iterator continues the mixture's stream exactly."""
+  mixture = mixtures.TokenShareMixture(name="mix", shares=[("short", 1), ("long", 3)],
+                                       sample_examples=16, report_batches=0)
+  cfg = data.DataConfig(sources=_sources(tmp_path), mixtures=(mixture,), train_mixture="mix",
+                        sequence_length=LENGTH, seed=3)
+  check_round_trip(cfg, batch_size=ROWS, skip=9, check=4)
