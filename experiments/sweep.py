@@ -51,7 +51,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
       slurm.add_argument("--out", help="the script's path (default: JOB_NAME.sbatch)")
       slurm.add_argument("--submit", action="store_true", help="run sbatch on it")
     if name == "report":
-      s.add_argument("--metric", default="loss", help="metric to plot (default: loss)")
+      s.add_argument("--metric", default=None,
+                     help="metric to plot (default: the grid's `metric`, else loss)")
   return p.parse_args(argv)
 
 

@@ -7,6 +7,11 @@ A grid is a Python file whose `get_config()` returns an ml_collections ConfigDic
              binds both seeds of a run (TrainConfig.seed: initialization, DataConfig.seed:
              data order), and the report averages over it.
   eval:      optional, True or a list of probes: `python -m lcjax.eval` on each trained cell.
+  claim:     optional, the claim the grid tests and the direction expected, for report.md.
+  metric:    optional, the metric the report plots against each axis (default "loss").
+  figures:   optional, [(column pattern, x label)]: a figure per pattern, whose one "*" stands
+             for the x values (e.g. "suite/mqar/pairs=*" plots a probe's score by its pairs),
+             one line per value of the first axis that is not "seed".
 """
 
 import dataclasses

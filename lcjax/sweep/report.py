@@ -85,35 +85,69 @@ def write_csv(path: epath.Path, cols: list[str], rows: list[dict]) -> None:
   path.write_text(out.getvalue())
 
 
-def markdown(cols: list[str], rows: list[dict], metric: str, plots: list[str]) -> str:
+def markdown(cols: list[str], rows: list[dict], metric: str, plots: list[str],
+             claim: str = "") -> str:
   # The table keeps to the axes, the loss and the chosen metric; results.csv has every column.
   shown = [c for c in cols if c in (*cols[:cols.index("step") + 1], "loss", metric)]
   lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
   escape = lambda text: re.sub(r"([|*])", r"\\\1", text)  # noqa: E731  (markdown marks)
   lines += ["| " + " | ".join(escape(_fmt(r.get(c))) for c in shown) + " |" for r in rows]
   images = [f"![{p}]({p})" for p in plots]
-  return "\n".join([f"# Sweep results ({len(rows)} cells)", "",
+  head = [f"# Sweep results ({len(rows)} cells)", ""]
+  if claim:
+    head += ["## Claim and expected direction", "", claim, "", "## Measured", ""]
+  return "\n".join([*head,
                     f"Every column, eval results included: results.csv. Plots of `{metric}` "
-                    "(done cells only).",
+                    "and the grid's figures (done cells only).",
                     "", *lines, "", *images, ""])
+
+
+def _line_axis(grid, axis: str | None) -> str | None:
+  """The axis whose values are a plot's lines: the first one that is neither x nor "seed"."""
+  return next((short(n) for n in axis_names(grid) if short(n) not in (axis, SEED)), None)
+
+
+def _stats(rows: list[dict], value) -> tuple[float, float, float]:
+  """(mean, min, max) of value(row) over the done rows where it is a finite number."""
+  ys = [value(r) for r in rows if r["state"] == "done"]
+  ys = [y for y in ys if isinstance(y, (int, float)) and math.isfinite(y)]
+  return (np.mean(ys), min(ys), max(ys)) if ys else (np.nan,) * 3
+
+
+def _lines(grid, rows: list[dict], other: str | None, default_label: str, xs: list,
+           value) -> dict:
+  """{line label: (means, mins, maxs) over xs}: value(row, x) averaged per value of `other`."""
+  values = {short(n): list(v) for n, v in grid.axes}
+  lines = {}
+  for line_value in (values[other] if other else [None]):
+    group = [r for r in rows if other is None or r.get(other) == line_value]
+    stats = [_stats(group, lambda r, x=x: value(r, x)) for x in xs]
+    label = f"{other}={line_value}" if other else default_label
+    lines[label] = tuple(np.array(s) for s in zip(*stats))
+  return lines
 
 
 def _series(grid, rows: list[dict], metric: str, axis: str):
   """(x labels, {line label: (means, mins, maxs)}) of `metric` against `axis`."""
-  names = [short(n) for n in axis_names(grid)]
-  values = {short(n): list(v) for n, v in grid.axes}
-  other = next((n for n in names if n not in (axis, SEED)), None)
-  lines = {}
-  for line_value in (values[other] if other else [None]):
-    stats = []
-    for x in values[axis]:
-      ys = [r[metric] for r in rows if r.get(axis) == x and r["state"] == "done"
-            and (other is None or r.get(other) == line_value)
-            and isinstance(r[metric], (int, float)) and math.isfinite(r[metric])]
-      stats.append((np.mean(ys), min(ys), max(ys)) if ys else (np.nan,) * 3)
-    label = f"{other}={line_value}" if other else metric
-    lines[label] = tuple(np.array(s) for s in zip(*stats))
-  return [str(v) for v in values[axis]], lines
+  xs = list(dict(grid.axes)[next(n for n in axis_names(grid) if short(n) == axis)])
+  lines = _lines(grid, rows, _line_axis(grid, axis), metric, xs,
+                 lambda r, x: r.get(metric) if r.get(axis) == x else None)
+  return [str(v) for v in xs], lines
+
+
+def _pattern_columns(rows: list[dict], pattern: str) -> dict[str, str]:
+  """{x value: column} of the columns that `pattern`'s one "*" matches, x sorted (numbers by
+  value)."""
+  regex = re.compile(re.escape(pattern).replace(r"\*", "([^/]+)") + "$")
+  found = {m.group(1): c for c in {k for r in rows for k in r} if (m := regex.match(c))}
+
+  def key(x):
+    try:
+      return (0, float(x), x)
+    except ValueError:
+      return (1, 0.0, x)
+
+  return {x: found[x] for x in sorted(found, key=key)}
 
 
 def _save(fig, path: epath.Path) -> None:
@@ -123,20 +157,37 @@ def _save(fig, path: epath.Path) -> None:
 
 
 def plot_metric(grid, rows: list[dict], metric: str, axis: str, path: epath.Path) -> None:
+  labels, lines = _series(grid, rows, metric, axis)
+  _plot_lines(grid, labels, lines, axis, metric, path)
+
+
+def plot_pattern(grid, rows: list[dict], pattern: str, x_label: str, path: epath.Path) -> None:
+  """One of the grid's figures: the columns `pattern` matches against their "*" value."""
+  from lcjax.errors import ConfigError
+
+  by_x = _pattern_columns(rows, pattern)
+  if not by_x:
+    raise ConfigError(f"The grid's figure {pattern!r} matches no column of results.csv.")
+  lines = _lines(grid, rows, _line_axis(grid, None), pattern, list(by_x),
+                 lambda r, x: r.get(by_x[x]))
+  _plot_lines(grid, list(by_x), lines, x_label, pattern.replace("*", x_label), path)
+
+
+def _plot_lines(grid, labels: list[str], lines: dict, x_label: str, y_label: str,
+                path: epath.Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  labels, lines = _series(grid, rows, metric, axis)
   fig, ax = plt.subplots(figsize=(5, 3.5))
   x = np.arange(len(labels))
   for label, (mean, low, high) in lines.items():
     ax.plot(x, mean, marker="o", label=label)
     ax.fill_between(x, low, high, alpha=0.2)
   ax.set_xticks(x, labels, rotation=20)
-  ax.set_xlabel(axis)
-  ax.set_ylabel(metric)
-  ax.set_title(f"{metric} by {axis}" + (" (mean, min-max over seeds)" if any(
+  ax.set_xlabel(x_label)
+  ax.set_ylabel(y_label)
+  ax.set_title(f"{y_label} by {x_label}" + (" (mean, min-max over seeds)" if any(
       short(n) == SEED for n in axis_names(grid)) else ""), fontsize=9)
   ax.legend(fontsize=7)
   _save(fig, path)
@@ -177,8 +228,11 @@ def write_report(grid, cells: list[Cell], root, metric: str = "loss") -> list[st
     if short(name) != SEED:
       plots.append(f"{metric.replace('/', '_')}_by_{short(name)}.png")
       plot_metric(grid, rows, metric, short(name), root / plots[-1])
+  for pattern, x_label in grid.get("figures", []):
+    plots.append(re.sub(r"[^\w=.-]+", "_", pattern.replace("*", x_label)) + ".png")
+    plot_pattern(grid, rows, pattern, x_label, root / plots[-1])
   plots.append("train_loss.png")
   plot_curves(curves, root / plots[-1])
   write_csv(root / "results.csv", cols, rows)
-  (root / "report.md").write_text(markdown(cols, rows, metric, plots))
+  (root / "report.md").write_text(markdown(cols, rows, metric, plots, grid.get("claim", "")))
   return [str(root / f) for f in ("results.csv", "report.md", *plots)]
