@@ -5,7 +5,9 @@ A grid is a Python file whose `get_config()` returns an ml_collections ConfigDic
   bindings:  gin bindings every cell uses
   axes:      [(gin parameter, [values])]; the cells are their product. The parameter "seed"
              binds both seeds of a run (TrainConfig.seed: initialization, DataConfig.seed:
-             data order), and the report averages over it.
+             data order), and the report averages over it. An axis of variants that differ in
+             several bindings is (name, {label: [bindings]}), e.g. ("model", {"hybrid":
+             ["ModelConfig.pattern = 'M*M-'", ...], "transformer": [...]}).
   eval:      optional, True or a list of probes: `python -m lcjax.eval` on each trained cell.
   claim:     optional, the claim the grid tests and the direction expected, for report.md.
   metric:    optional, the metric the report plots against each axis (default "loss").
@@ -19,6 +21,7 @@ import importlib.util
 import itertools
 import os
 import re
+from collections.abc import Mapping
 
 from lcjax.errors import ConfigError
 
@@ -66,7 +69,10 @@ def _label(names, values) -> str:
   return re.sub(r"[^A-Za-z0-9_.=-]+", "", label) or "base"
 
 
-def _bindings(name: str, value) -> list[str]:
+def _bindings(name: str, values, value) -> list[str]:
+  """The bindings of one axis value: a variant's own list, or `parameter = value`."""
+  if isinstance(values, Mapping):
+    return list(values[value])
   params = SEED_BINDINGS if name == SEED else (name,)
   return [f"{p} = {value!r}" for p in params]
 
@@ -86,7 +92,7 @@ def expand(grid) -> list[Cell]:
           f"Grid cells {seen[name]} and {i} are both named {name!r} (one work directory): "
           "make the axis values differ in letters, digits or '.=-_'.")
     seen[name] = i
-    extra = [b for n, v in zip(names, values) for b in _bindings(n, v)]
+    extra = [b for (n, axis), v in zip(grid.axes, values) for b in _bindings(n, axis, v)]
     cells.append(Cell(i, name, dict(zip(names, values)), tuple(grid.bindings) + tuple(extra)))
   return cells
 

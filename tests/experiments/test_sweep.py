@@ -79,6 +79,18 @@ def test_expand_names_values_and_order(tmp_path):
     grids.select(cells, index=5)
 
 
+def test_a_variant_axis_binds_each_variants_own_bindings(tmp_path):
+  variants = {"tiny": ["ModelConfig.d_model = 64", "MLPConfig.hidden_dim = 128"],
+              "wide": ["ModelConfig.d_model = 128"]}
+  grid = grids.load_grid(write_grid(tmp_path, [("model", variants), ("seed", [0])]))
+  cells = grids.expand(grid)
+  assert [c.name for c in cells] == ["model=tiny_seed=0", "model=wide_seed=0"]
+  assert cells[0].values == {"model": "tiny", "seed": 0}
+  assert cells[0].bindings == ("ModelConfig.d_model = 64", "MLPConfig.hidden_dim = 128",
+                               "TrainConfig.seed = 0", "DataConfig.seed = 0")
+  assert set(grids.validate(grid, cells, REPO)) == {c.name for c in cells}
+
+
 @pytest.mark.parametrize("axes, bindings, message", [
     ([("OptimConfig.peak_learning_rate", [])], [],
      r"axis 'OptimConfig.peak_learning_rate' has no values"),
