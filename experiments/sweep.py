@@ -1,11 +1,11 @@
 """Run a grid of lcjax.train runs concurrently, see where it stands, and report its results.
 
-    python experiments/sweep.py run GRID --root=DIR [--parallel=N] [--dry_run]
+    python experiments/sweep.py run GRID --root=DIR [--parallel=N] [--dry_run] [--report=OUT]
                                          [--cell=NAME | --cell_index=I] [--backend=cpu|gpu|tpu]
     python experiments/sweep.py run GRID --root=DIR --slurm [--gpus_per_node=G] [--partition=P]
                                          [--time=T] [--out=F] [--submit] [--dry_run]
     python experiments/sweep.py status GRID --root=DIR
-    python experiments/sweep.py report GRID --root=DIR [--metric=NAME]
+    python experiments/sweep.py report GRID --root=DIR [--metric=NAME] [--out=OUT]
 
 GRID is a Python file with get_config() (lcjax/sweep/grid.py documents it; e.g.
 experiments/lr_x_pattern.py). Each cell trains in DIR/<cell> (then is evaluated when the grid
@@ -13,7 +13,9 @@ has `eval`), its output in DIR/<cell>/sweep.log; up to N at once, each pinned to
 the host's cores, GPUs or TPU chips. Every cell is validated before any starts. A failed cell
 does not stop the others; running again skips done cells and resumes the rest. With --slurm,
 the cells become a SLURM job array instead (ROOT on a file system every node sees, or gs://). `report` writes
-DIR/results.csv, DIR/report.md and PNGs. DIR may be gs://. Run from the repository root.
+DIR/results.csv, DIR/report.md and PNGs (into OUT instead with --out; `run --report=OUT`
+writes them once the cells have run: one command from grid to report). DIR may be gs://. Run
+from the repository root.
 Exit status: 0 every cell done (or nothing to do), 1 some cell failed, 2 a grid or flag error.
 """
 
@@ -35,6 +37,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if name == "run":
       s.add_argument("--parallel", type=int, default=1, help="cells at once (default 1)")
       s.add_argument("--dry_run", action="store_true", help="print the commands only")
+      s.add_argument("--report", metavar="OUT",
+                     help="then write the report into OUT (e.g. experiments/results/NAME)")
       which = s.add_mutually_exclusive_group()
       which.add_argument("--cell", help="run only the cell of this name")
       which.add_argument("--cell_index", type=int, help="run only cell I (a job array's task)")
@@ -53,6 +57,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if name == "report":
       s.add_argument("--metric", default=None,
                      help="metric to plot (default: the grid's `metric`, else loss)")
+      s.add_argument("--out", help="write the report here (default: --root)")
   return p.parse_args(argv)
 
 
@@ -66,11 +71,14 @@ def main(argv: list[str]) -> None:
   if args.command == "run":
     states = commands.run(args.grid, args.root, args.parallel, args.dry_run, args.cell,
                           args.cell_index, args.backend)
+    if args.report and not args.dry_run:
+      for path in commands.make_report(args.grid, args.root, out=args.report):
+        print(path)
     sys.exit(1 if any(s == "failed" for s in states.values()) else 0)
   if args.command == "status":
     print(commands.status_table(commands.status_rows(args.grid, args.root)))
     return
-  for path in commands.make_report(args.grid, args.root, args.metric):
+  for path in commands.make_report(args.grid, args.root, args.metric, args.out):
     print(path)
 
 

@@ -113,11 +113,13 @@ def status_table(rows: list[dict]) -> str:
                     ", ".join(f"{n} {s}" for s, n in counts.items())])
 
 
-def make_report(grid_path: str, root: str, metric: str | None = None) -> list[str]:
-  """The sweep's report; `metric` defaults to the grid's own (else the train loss)."""
+def make_report(grid_path: str, root: str, metric: str | None = None,
+                out: str | None = None) -> list[str]:
+  """The sweep's report, in `out` (default ROOT); `metric` defaults to the grid's own (else
+  the train loss)."""
   grid, cells, _ = _cells(grid_path)
   if not any(status.cell_dir(root, c.name).exists() for c in cells):
     raise ConfigError(f"No cell of {grid_path} has run in {root}: run the sweep first "
                       f"(python experiments/sweep.py run {grid_path} --root={root}).")
-  return report.write_report(grid, cells, root, metric or grid.get("metric", "loss"))
+  return report.write_report(grid, cells, root, metric or grid.get("metric", "loss"), out)
 

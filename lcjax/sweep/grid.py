@@ -14,6 +14,8 @@ A grid is a Python file whose `get_config()` returns an ml_collections ConfigDic
   figures:   optional, [(column pattern, x label)]: a figure per pattern, whose one "*" stands
              for the x values (e.g. "suite/mqar/pairs=*" plots a probe's score by its pairs),
              one line per value of the first axis that is not "seed".
+  analysis:  optional, a function of the report's directory that writes a measurement needing
+             no cell (e.g. of numerics) and returns its markdown for report.md.
 """
 
 import dataclasses
@@ -109,9 +111,9 @@ def select(cells: list[Cell], name: str | None = None, index: int | None = None)
   return chosen
 
 
-def validate(grid, cells: list[Cell], repo: str) -> dict[str, int]:
-  """{cell name: TrainConfig.steps}, once every cell's gin parses and builds a valid Run
-  (in this process, nothing started); else a ConfigError naming the cell and the cause."""
+def cell_run(grid, cell: Cell, repo: str):
+  """The lcjax.run.Run of a cell's gin (parsed in this process, nothing started); else a
+  ConfigError naming the cell and the cause."""
   import gin
 
   import lcjax.eval.suite  # noqa: F401  (what the CLIs import before parsing gin)
@@ -119,19 +121,21 @@ def validate(grid, cells: list[Cell], repo: str) -> dict[str, int]:
   from lcjax.config import parse_gin
   from lcjax.run import Run
 
-  files = [os.path.join(repo, f) for f in grid.gin_files]
-  steps = {}
-  for cell in cells:
+  gin.clear_config()
+  try:
+    parse_gin([os.path.join(repo, f) for f in grid.gin_files], list(cell.bindings))
+    return Run.from_gin()
+  except Exception as e:  # gin raises several types; each names the binding
+    raise ConfigError(f"Grid cell {cell.index} ({cell.name}) is not a valid run, nothing was "
+                      f"started: {_first_line(e)}") from e
+  finally:
     gin.clear_config()
-    try:
-      parse_gin(files, list(cell.bindings))
-      steps[cell.name] = Run.from_gin().train.steps
-    except Exception as e:  # gin raises several types; each names the binding
-      raise ConfigError(f"Grid cell {cell.index} ({cell.name}) is not a valid run, nothing was "
-                        f"started: {_first_line(e)}") from e
-    finally:
-      gin.clear_config()
-  return steps
+
+
+def validate(grid, cells: list[Cell], repo: str) -> dict[str, int]:
+  """{cell name: TrainConfig.steps}, once every cell's gin parses and builds a valid Run;
+  else a ConfigError naming the first cell that does not and the cause."""
+  return {cell.name: cell_run(grid, cell, repo).train.steps for cell in cells}
 
 
 def _first_line(e: Exception) -> str:

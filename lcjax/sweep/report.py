@@ -15,11 +15,11 @@ import re
 import numpy as np
 from etils import epath
 
-from lcjax.sweep import status
+from lcjax.sweep import runner, status
+from lcjax.sweep.grid import SEED, Cell, axis_names, cell_run, short
 from lcjax.train.metrics import read_metrics
-from lcjax.sweep.grid import SEED, Cell, axis_names, short
 
-FIRST = ("cell", "state", "step")
+FIRST = ("cell", "state", "step", "parameters")
 
 
 def _final_metrics(workdir: epath.Path) -> tuple[dict, list[tuple[int, float]]]:
@@ -50,14 +50,18 @@ def _eval_results(workdir: epath.Path) -> dict:
 
 
 def collect(grid, cells: list[Cell], root) -> tuple[list[dict], dict]:
-  """(rows, {cell name: [(step, loss)]}): one row per cell, in grid order."""
+  """(rows, {cell name: [(step, loss)]}): one row per cell, in grid order; "parameters" is
+  the cell's model size, counted from its config."""
+  from lcjax.models.report import counted_params
+
   rows, curves = [], {}
   for cell in cells:
     workdir = status.cell_dir(root, cell.name)
     state, record = status.state_of(root, cell.name)
     final, curves[cell.name] = _final_metrics(workdir)
     row = {"cell": cell.name, "state": state, "step": status.last_step(workdir),
-           **{short(n): cell.values[n] for n in axis_names(grid)}}
+           **{short(n): cell.values[n] for n in axis_names(grid)},
+           "parameters": counted_params(cell_run(grid, cell, runner.REPO).model)}
     row.update({k: v for k, v in final.items() if isinstance(v, (int, float))})
     row.update(_eval_results(workdir))
     rows.append(row)
@@ -68,7 +72,7 @@ def columns(grid, rows: list[dict]) -> list[str]:
   axes = [short(n) for n in axis_names(grid)]
   metrics = sorted({k for r in rows for k in r} - set(FIRST) - set(axes),
                    key=lambda k: (k != "loss", "/" in k, k))
-  return ["cell", *axes, "state", "step", *metrics]
+  return ["cell", *axes, "state", "step", "parameters", *metrics]
 
 
 def _fmt(value) -> str:
@@ -86,9 +90,9 @@ def write_csv(path: epath.Path, cols: list[str], rows: list[dict]) -> None:
 
 
 def markdown(cols: list[str], rows: list[dict], metric: str, plots: list[str],
-             claim: str = "") -> str:
+             claim: str = "", analysis: str = "") -> str:
   # The table keeps to the axes, the loss and the chosen metric; results.csv has every column.
-  shown = [c for c in cols if c in (*cols[:cols.index("step") + 1], "loss", metric)]
+  shown = [c for c in cols if c in (*cols[:cols.index("parameters") + 1], "loss", metric)]
   lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
   escape = lambda text: re.sub(r"([|*])", r"\\\1", text)  # noqa: E731  (markdown marks)
   lines += ["| " + " | ".join(escape(_fmt(r.get(c))) for c in shown) + " |" for r in rows]
@@ -96,6 +100,8 @@ def markdown(cols: list[str], rows: list[dict], metric: str, plots: list[str],
   head = [f"# Sweep results ({len(rows)} cells)", ""]
   if claim:
     head += ["## Claim and expected direction", "", claim, "", "## Measured", ""]
+  if analysis:
+    head += [analysis, ""]
   return "\n".join([*head,
                     f"Every column, eval results included: results.csv. Plots of `{metric}` "
                     "and the grid's figures (done cells only).",
@@ -212,8 +218,11 @@ def plot_curves(curves: dict, path: epath.Path) -> None:
   plt.close(fig)
 
 
-def write_report(grid, cells: list[Cell], root, metric: str = "loss") -> list[str]:
-  """Writes results.csv, report.md and the PNGs into ROOT; returns their paths."""
+def write_report(grid, cells: list[Cell], root, metric: str = "loss",
+                 out=None) -> list[str]:
+  """Writes results.csv, report.md and the PNGs into `out` (default ROOT); returns their
+  paths. A grid's `analysis(out)` (a measurement that needs no cell, e.g. of numerics) writes
+  its own files there and returns the markdown that report.md shows under the claim."""
   from lcjax.errors import ConfigError
 
   root = epath.Path(root)
@@ -222,7 +231,9 @@ def write_report(grid, cells: list[Cell], root, metric: str = "loss") -> list[st
   if metric not in cols:
     raise ConfigError(f"No metric {metric!r} in this sweep's results: choose --metric from "
                       + ", ".join(c for c in cols if c not in FIRST) + ".")
+  root = epath.Path(out) if out is not None else root
   root.mkdir(parents=True, exist_ok=True)
+  analysis = grid.analysis(root) if grid.get("analysis", None) else ""
   plots = []
   for name in axis_names(grid):
     if short(name) != SEED:
@@ -234,5 +245,6 @@ def write_report(grid, cells: list[Cell], root, metric: str = "loss") -> list[st
   plots.append("train_loss.png")
   plot_curves(curves, root / plots[-1])
   write_csv(root / "results.csv", cols, rows)
-  (root / "report.md").write_text(markdown(cols, rows, metric, plots, grid.get("claim", "")))
+  (root / "report.md").write_text(markdown(cols, rows, metric, plots, grid.get("claim", ""),
+                                           analysis))
   return [str(root / f) for f in ("results.csv", "report.md", *plots)]

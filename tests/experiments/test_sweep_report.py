@@ -51,8 +51,11 @@ def test_figure_png_and_claim_in_the_markdown(tmp_path):
   assert path.read_bytes()[:4] == b"\x89PNG"
   with pytest.raises(ConfigError, match="matches no column"):
     report.plot_pattern(_grid(), _rows(), "suite/other=*", "x", path)
-  text = report.markdown(["cell", "pattern", "seed", "state", "step"], _rows(), "loss",
-                         ["mqar.png"], claim="Attention recalls; SSMs forget.")
+  text = report.markdown(["cell", "pattern", "seed", "state", "step", "parameters"], _rows(),
+                         "loss",
+                         ["mqar.png"], claim="Attention recalls; SSMs forget.",
+                         analysis="### A measurement without cells")
   assert text.index("## Claim and expected direction") < text.index("Attention recalls") < (
-      text.index("## Measured"))
-  assert "## Claim" not in report.markdown(["cell", "state", "step"], _rows(), "loss", [])
+      text.index("## Measured")) < text.index("### A measurement") < text.index("![mqar.png]")
+  assert "## Claim" not in report.markdown(["cell", "state", "step", "parameters"], _rows(),
+                                           "loss", [])

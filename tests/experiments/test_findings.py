@@ -1,0 +1,55 @@
+"""The findings' grids (experiments/<finding>.py): one cell of each, cut to one training step
+and tiny evaluations, runs through the sweep tool, and the report states the claim and holds
+the grid's figures and analysis. The full grids are not run here (minutes to half an hour
+each on 2 cores); their reports are committed under experiments/results/."""
+import os
+
+import pytest
+
+from lcjax.sweep import commands
+from lcjax.sweep import grid as grids
+from tests.train.runs import REPO
+
+SMOKE = ["TrainConfig.steps = 1", "TrainConfig.checkpoint_every = 1", "TrainConfig.log_every = 1",
+         "TrainConfig.eval_batches = 1", "PplByPosition.documents = 1",
+         "PplByPosition.lengths = (64, 128)"]
+# finding -> the cell to run (the one whose variants differ most from the base gin files)
+FINDINGS = {"recall_needs_attention": "model=hybrid_pairs=24",
+            "nope_extrapolation": "model=hybrid_nope_seed=0",
+            "bf16_rope": "rope_dtype=bfloat16_attention=anchor"}
+
+
+def _path(name):
+  return os.path.join(REPO, "experiments", f"{name}.py")
+
+
+def _smoke_grid(tmp_path, name):
+  """A grid file: the finding's grid with SMOKE bindings appended."""
+  path = tmp_path / f"{name}_smoke.py"
+  path.write_text(
+      "import importlib.util\n\n\ndef get_config():\n"
+      f"  spec = importlib.util.spec_from_file_location('g', {_path(name)!r})\n"
+      "  module = importlib.util.module_from_spec(spec)\n  spec.loader.exec_module(module)\n"
+      "  c = module.get_config()\n"
+      f"  c.bindings = list(c.bindings) + {SMOKE!r}\n  return c\n")
+  return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FINDINGS))
+def test_one_cell_of_each_finding_runs_and_reports(tmp_path, name):
+  path, root, out = _smoke_grid(tmp_path, name), str(tmp_path / "root"), str(tmp_path / "out")
+  cell = grids.select(grids.expand(grids.load_grid(path)), name=FINDINGS[name])[0]
+  states = commands.run(path, root, cell=cell.name, backend="cpu", say=lambda _: None)
+  assert states == {cell.name: "done"}, open(os.path.join(root, cell.name, "sweep.log")).read()
+  written = [os.path.basename(p) for p in commands.make_report(path, root, out=out)]
+  report = open(os.path.join(out, "report.md")).read()
+  grid = grids.load_grid(path)
+  assert "## Claim and expected direction" in report and grid.claim[:40] in report
+  for pattern, x_label in grid.get("figures", []):
+    assert any(x_label.replace(" ", "_") in f for f in written), (pattern, written)
+  if grid.get("analysis", None):
+    assert "![logit error by position](rope_logit_error.png)" in report
+    assert open(os.path.join(out, "rope_logit_error.png"), "rb").read(4) == b"\x89PNG"
+  for png in [f for f in written if f.endswith(".png")]:
+    assert open(os.path.join(out, png), "rb").read(4) == b"\x89PNG"
