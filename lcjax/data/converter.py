@@ -37,6 +37,9 @@ import tensorflow as tf
 Spec = seqio.FeatureConverter.FeatureSpec
 _KEYS = ("targets", "loss_mask", "segment_ids", "positions")
 ANCHOR_TARGET = 1  # EOS in every lcjax vocabulary (lcjax.data.vocab)
+# The input every document starts with (its first target is predicted from it): the decoder
+# BOS of the shift. Eval prompts and documents start with it too (lcjax.eval.suite.model_for).
+BOS = 0
 
 
 def _empty_row(anchor: bool):

@@ -137,7 +137,7 @@ def _register_tasks(cfg: DataConfig) -> dict[str, int]:
 
 
 def _converter(cfg: DataConfig) -> MaskedLMFeatureConverter:
-  return MaskedLMFeatureConverter(anchor=cfg.anchor,
+  return MaskedLMFeatureConverter(anchor=cfg.anchor, bos_id=converter.BOS,
                                   continuous_positions=cfg.continuous_positions)
 
 

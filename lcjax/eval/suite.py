@@ -25,6 +25,7 @@ import numpy as np
 from lcjax.config import check_positive, check_types
 from lcjax.data import shakespeare
 from lcjax.data import probes
+from lcjax.data.converter import BOS
 from lcjax.errors import ConfigError
 from lcjax.eval import teacher_forced
 from lcjax.eval.generate import greedy_generate
@@ -70,6 +71,8 @@ class Model:
   generate(prompts, max_new_tokens) -> decoded strings (greedy, one device);
   score(pairs of (prompt, target) token lists, seq_len) -> per-example teacher-forced scores
   (`lcjax.eval.teacher_forced.score_answers`); loss_by_position(documents, seq_len, buckets).
+  Prompts and documents are token ids as the probes write them; the model first reads the
+  input every training document starts with (`model_for`).
   """
   vocab: object  # a seqio vocabulary: encode, decode, eos_id
   train_length: int
@@ -80,19 +83,25 @@ class Model:
 
 def model_for(setup, run, params, local_graphdef, vocab, rows: int) -> Model:
   """The Model of restored `params`: teacher forcing through the run's eval step (any mesh),
-  generation through `local_graphdef` (the single-device model's graph)."""
+  generation through `local_graphdef` (the single-device model's graph).
+
+  Every prompt and document is read after BOS, the input each training document starts with
+  (lcjax.data.converter): a model never saw a document's first token at position 0 as an
+  input, and one that leans on that first input (as an attention sink, say) would be scored out
+  of distribution. It takes a position: a prompt and its target fill at most `length`
+  positions, a document's first seq_len tokens are scored."""
   def generate(prompts, max_new_tokens):
-    outs = greedy_generate(local_graphdef, params, prompts, max_new_tokens=max_new_tokens,
-                           eos_id=vocab.eos_id, batch_size=rows)
+    outs = greedy_generate(local_graphdef, params, [[BOS, *p] for p in prompts],
+                           max_new_tokens=max_new_tokens, eos_id=vocab.eos_id, batch_size=rows)
     return [vocab.decode(list(o)) for o in outs]
 
   def score(pairs, seq_len):
-    return teacher_forced.score_answers(setup.eval_step_at(seq_len), params, pairs, seq_len,
-                                        rows)
+    return teacher_forced.score_answers(setup.eval_step_at(seq_len), params,
+                                        [([BOS, *p], t) for p, t in pairs], seq_len, rows)
 
   def loss_by_position(documents, seq_len, buckets):
-    return teacher_forced.ppl_by_position(setup.eval_step_at(seq_len), params, documents,
-                                          seq_len, rows, buckets)
+    return teacher_forced.ppl_by_position(setup.eval_step_at(seq_len), params,
+                                          [[BOS, *d] for d in documents], seq_len, rows, buckets)
 
   return Model(vocab, run.data.sequence_length, generate, score, loss_by_position)
 

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import re
+import types
 
 import jax
 import pytest
@@ -102,3 +103,26 @@ def test_unknown_probe_and_protocol_are_config_errors():
     suite.EvalConfig(suite=("niah",))
   with pytest.raises(ConfigError, match="NiahGrid.protocol"):
     suite.NiahGrid(protocol="beam")
+
+
+def test_prompts_and_documents_are_read_after_bos_as_in_training(monkeypatch):
+  """Every training document's first input is converter.BOS (the batch contract); the probes'
+  Model puts it before every prompt and document, for generation and teacher forcing alike."""
+  from lcjax.data.converter import BOS
+
+  seen = {}
+  monkeypatch.setattr(suite, "greedy_generate",
+                      lambda graphdef, params, prompts, **kw: seen.update(gen=prompts) or [[1]])
+  monkeypatch.setattr(suite.teacher_forced, "score_answers",
+                      lambda step, params, pairs, *a: seen.update(score=pairs) or [])
+  monkeypatch.setattr(suite.teacher_forced, "ppl_by_position",
+                      lambda step, params, docs, *a: seen.update(ppl=docs) or [])
+  setup = types.SimpleNamespace(eval_step_at=lambda n: None)
+  run = types.SimpleNamespace(data=types.SimpleNamespace(sequence_length=8))
+  vocab = types.SimpleNamespace(eos_id=1, decode=lambda ids: "")
+  model = suite.model_for(setup, run, {}, None, vocab, rows=2)
+  model.generate([[5, 6]], 3)
+  model.score([([5, 6], [7, 1])], 8)
+  model.loss_by_position([[5, 6, 7]], 2, 1)
+  assert seen == {"gen": [[BOS, 5, 6]], "score": [([BOS, 5, 6], [7, 1])],
+                  "ppl": [[BOS, 5, 6, 7]]}
