@@ -90,10 +90,9 @@ def analysis(out) -> str:
 
 def get_config():
   c = ml_collections.ConfigDict()
-  c.gin_files = ["configs/demo.gin", "configs/models/transformer_tiny.gin"]
+  c.gin_files = ["configs/demo.gin", "configs/data/shakespeare.gin",
+                 "configs/models/transformer_tiny.gin"]
   c.bindings = [
-      "DataConfig.train_mixture = 'lcjax_shakespeare'",
-      "DataConfig.eval_tasks = ('lcjax_shakespeare',)",
       "DataConfig.sequence_length = 1024",
       "TrainConfig.batch_size = 8",
       "TrainConfig.steps = 200",

@@ -17,10 +17,9 @@ L = 256
 
 def get_config():
   c = ml_collections.ConfigDict()
-  c.gin_files = ["configs/demo.gin", "configs/models/transformer_tiny.gin"]
+  c.gin_files = ["configs/demo.gin", "configs/data/shakespeare.gin",
+                 "configs/models/transformer_tiny.gin"]
   c.bindings = [
-      "DataConfig.train_mixture = 'lcjax_shakespeare'",
-      "DataConfig.eval_tasks = ('lcjax_shakespeare',)",
       f"DataConfig.sequence_length = {L}",
       "TrainConfig.batch_size = 8",
       "TrainConfig.steps = 300",
