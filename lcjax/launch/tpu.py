@@ -155,7 +155,7 @@ def stream(commands: dict[str, list[str]], log_dir: str, stop: Sequence[Sequence
   previous = signal.signal(signal.SIGTERM, _interrupt)
   try:
     for name, command in commands.items():
-      print(f"+ {common.command_line(command)}", flush=True)
+      _say(f"+ {common.command_line(command)}\n")
       procs[name] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, errors="replace")
       log = os.path.join(log_dir, f"{name}.log")
@@ -186,4 +186,15 @@ def _tee(proc: subprocess.Popen, name: str, log: str) -> None:
     for line in proc.stdout:
       f.write(line)
       f.flush()
-      print(f"[{name}] {line}", end="", flush=True)
+      _say(f"[{name}] {line}")
+
+
+_SAY = threading.Lock()
+
+
+def _say(text: str) -> None:
+  """Writes `text` to stdout whole: the slices' threads and the main thread print at once, and
+  print's separate write of the line end would let another line in before it."""
+  with _SAY:
+    sys.stdout.write(text)
+    sys.stdout.flush()
