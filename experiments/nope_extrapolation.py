@@ -17,8 +17,9 @@ L = 256
 
 def get_config():
   c = ml_collections.ConfigDict()
+  # The Mamba-2 mixer's settings apply only to the hybrid.
   c.gin_files = ["configs/demo.gin", "configs/data/shakespeare.gin",
-                 "configs/models/transformer_tiny.gin"]
+                 "configs/models/transformer_tiny.gin", "configs/mixers/mamba_tiny.gin"]
   c.bindings = [
       f"DataConfig.sequence_length = {L}",
       "TrainConfig.batch_size = 8",
@@ -34,10 +35,7 @@ def get_config():
   c.axes = [
       ("model", {
           "hybrid_nope": ["ModelConfig.pattern = 'MM*-M*M-'",
-                          "AttentionConfig.position_encoding = 'none'",
-                          "MambaConfig.d_state = 32", "MambaConfig.expand = 2",
-                          "MambaConfig.headdim = 32", "MambaConfig.ngroups = 1",
-                          "MambaConfig.chunk_size = 64"],
+                          "AttentionConfig.position_encoding = 'none'"],
           "transformer_rope": [],
       }),
       ("seed", [0, 1]),

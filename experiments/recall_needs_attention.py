@@ -16,17 +16,15 @@ parameters of an attention mixer, so the pure Mamba-2 model is the largest.
 
 import ml_collections
 
-MAMBA = ["MambaConfig.d_state = 32", "MambaConfig.expand = 2", "MambaConfig.headdim = 32",
-         "MambaConfig.ngroups = 1", "MambaConfig.chunk_size = 64"]
-
-
 def _pairs(pairs: int, queries: int) -> list[str]:
   return [f"MqarConfig.num_pairs = {pairs}", f"MqarConfig.num_queries = {queries}"]
 
 
 def get_config():
   c = ml_collections.ConfigDict()
-  c.gin_files = ["configs/demo.gin", "configs/models/transformer_tiny.gin"]
+  # The Mamba-2 mixer's settings apply only to the variants that have one.
+  c.gin_files = ["configs/demo.gin", "configs/models/transformer_tiny.gin",
+                 "configs/mixers/mamba_tiny.gin"]
   c.bindings = [
       "DataConfig.train_mixture = 'lcjax_mqar'",
       "DataConfig.eval_tasks = ('lcjax_mqar',)",
@@ -41,9 +39,9 @@ def get_config():
   ]
   c.axes = [
       ("model", {
-          "mamba2": ["ModelConfig.pattern = 'M-M-M-M-'", *MAMBA],
+          "mamba2": ["ModelConfig.pattern = 'M-M-M-M-'"],
           "hybrid": ["ModelConfig.pattern = 'M-M-*-M-'",
-                     "AttentionConfig.position_encoding = 'none'", *MAMBA],
+                     "AttentionConfig.position_encoding = 'none'"],
           "transformer": [],
       }),
       ("pairs", {"4": _pairs(4, 4), "8": _pairs(8, 8), "16": _pairs(16, 8)}),
