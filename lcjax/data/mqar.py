@@ -4,7 +4,10 @@ An example lists key-value pairs, then queries some of the keys again, each
 followed by its value:
   "abc:17 qrs:03 xyz:92 | xyz:92 abc:17"
 Loss is only on the value digits in the query section (not on EOS).
-Keys are 3 lowercase letters (unique within an example); values are 2 digits.
+Keys are `key_letters` lowercase letters (unique within an example); values are
+`value_digits` digits. One letter and one digit make every key and value a single
+byte token, as zoology's MQAR has them: recall without first having to assemble a
+key from several tokens, which small models learn in far fewer steps.
 """
 import dataclasses
 import itertools
@@ -16,12 +19,25 @@ import numpy as np
 from lcjax.config import check_types
 from lcjax.errors import ConfigError
 
-# One "key:value" pair of a decoded prompt.
-PAIR_RE = r"([a-z]{3}):(\d{2})"
 SEPARATOR = " | "
-# Key code c -> its 3-letter text.
-KEY_TEXT = ["".join(k) for k in itertools.product(string.ascii_lowercase, repeat=3)]
-VALUE_TEXT = [f"{v:02d}" for v in range(100)]
+
+
+def pair_re(key_letters: int = 3, value_digits: int = 2) -> str:
+  """Matches one "key:value" pair of a decoded prompt."""
+  return rf"([a-z]{{{key_letters}}}):(\d{{{value_digits}}})"
+
+
+def key_texts(key_letters: int = 3) -> list[str]:
+  """Key code c -> its text."""
+  return ["".join(k) for k in itertools.product(string.ascii_lowercase, repeat=key_letters)]
+
+
+def value_texts(value_digits: int = 2) -> list[str]:
+  return [f"{v:0{value_digits}d}" for v in range(10**value_digits)]
+
+
+# The default format's pairs, keys and values (the suite's MQAR probe uses it).
+PAIR_RE, KEY_TEXT, VALUE_TEXT = pair_re(), key_texts(), value_texts()
 
 
 @gin.configurable
@@ -33,6 +49,8 @@ class MqarConfig:
   num_validation: int = 256
   train_seed: int = 3
   validation_seed: int = 4
+  key_letters: int = 3
+  value_digits: int = 2
 
   def __post_init__(self):
     check_types(self)  # a wrong-typed gin binding fails here, naming it
@@ -40,19 +58,21 @@ class MqarConfig:
 
 def example_bytes(cfg: MqarConfig) -> int:
   """Byte length of one example (without EOS): fixed by the format."""
-  return 7 * cfg.num_pairs - 1 + len(SEPARATOR) + 7 * cfg.num_queries - 1
+  pair = cfg.key_letters + 1 + cfg.value_digits + 1  # "abc:17 "
+  return pair * cfg.num_pairs - 1 + len(SEPARATOR) + pair * cfg.num_queries - 1
 
 
-def unique_keys(rng: np.random.Generator, n: int, num_pairs: int) -> np.ndarray:
-  """[n, num_pairs] distinct-per-row key codes in [0, 26**3)."""
-  codes = rng.integers(0, 26**3, size=(n, num_pairs))
+def unique_keys(rng: np.random.Generator, n: int, num_pairs: int,
+                num_keys: int = 26**3) -> np.ndarray:
+  """[n, num_pairs] distinct-per-row key codes in [0, num_keys)."""
+  codes = rng.integers(0, num_keys, size=(n, num_pairs))
   # Redraw the few rows with a repeated key (cheaper than n draws without replacement).
   while True:
     sorted_codes = np.sort(codes, axis=1)
     bad = np.nonzero((sorted_codes[:, 1:] == sorted_codes[:, :-1]).any(axis=1))[0]
     if not len(bad):
       return codes
-    codes[bad] = rng.integers(0, 26**3, size=(len(bad), num_pairs))
+    codes[bad] = rng.integers(0, num_keys, size=(len(bad), num_pairs))
 
 
 def make_segments(keys, values, queries) -> list[tuple[str, int]]:
@@ -71,10 +91,17 @@ def generate(cfg: MqarConfig, split: str):
 
   Returns (segments [n, 2 * num_queries] str, loss [n, 2 * num_queries] int32).
   """
-  if not 0 < cfg.num_queries <= cfg.num_pairs <= len(KEY_TEXT) // 2:
+  if not (1 <= cfg.key_letters <= 3 and 1 <= cfg.value_digits <= 2):
+    raise ConfigError(
+        f"MqarConfig.key_letters={cfg.key_letters} / value_digits={cfg.value_digits}: "
+        "keys take 1-3 letters and values 1-2 digits. Fix: bind values in those ranges."
+    )
+  keys, value_text = key_texts(cfg.key_letters), value_texts(cfg.value_digits)
+  if not 0 < cfg.num_queries <= cfg.num_pairs <= len(keys) // 2:
     raise ConfigError(
         f"MqarConfig needs 1 <= num_queries ({cfg.num_queries}) <= num_pairs "
-        f"({cfg.num_pairs}) <= {len(KEY_TEXT) // 2}. Fix: adjust them."
+        f"({cfg.num_pairs}) <= {len(keys) // 2} (half the {cfg.key_letters}-letter keys). "
+        "Fix: adjust them, or raise MqarConfig.key_letters."
     )
   n, seed = (
       (cfg.num_train, cfg.train_seed)
@@ -82,12 +109,12 @@ def generate(cfg: MqarConfig, split: str):
       else (cfg.num_validation, cfg.validation_seed)
   )
   rng = np.random.default_rng(seed)
-  codes = unique_keys(rng, n, cfg.num_pairs)
-  values = rng.integers(0, 100, size=(n, cfg.num_pairs))
+  codes = unique_keys(rng, n, cfg.num_pairs, len(keys))
+  values = rng.integers(0, len(value_text), size=(n, cfg.num_pairs))
   # Queries: the first num_queries of a random permutation of the pairs.
   queries = np.argsort(rng.random((n, cfg.num_pairs)), axis=1)[:, : cfg.num_queries]
   examples = [
-      make_segments([KEY_TEXT[c] for c in row_codes], [VALUE_TEXT[v] for v in row_values],
+      make_segments([keys[c] for c in row_codes], [value_text[v] for v in row_values],
                     row_queries)
       for row_codes, row_values, row_queries in zip(
           codes.tolist(), values.tolist(), queries.tolist())

@@ -80,9 +80,13 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, suite=None,
   params, step, checkpoint = restore_params(workdir, setup, step, run.train.keep_checkpoints)
   if run.train.stages:  # evaluate with the stage that trained it: its length, its RoPE
     run = stages.run_at(run, step)
+  if eval_cfg.attention:
+    run = stages.with_attention(run, eval_cfg.attention, "EvalConfig.attention")
+  if run.train.stages or eval_cfg.attention:
     setup = build(run)
   results = {"model": workdir, "step": step, "checkpoint": checkpoint,
              "train_length": run.data.sequence_length,
+             **({"attention_overrides": eval_cfg.attention} if eval_cfg.attention else {}),
              "metrics": evaluate(setup.eval_step, params, load_eval_batches(run))}
   names = eval_cfg.suite if suite is None else tuple(suite)
   model = model_for(setup, run, params, model_skeleton(run.model.for_inference())[0],

@@ -2,6 +2,7 @@
 
 The results dict (what the suite produces; plain JSON values):
   {"model": label, "step": int, "checkpoint": path, "train_length": int or None,
+   "attention_overrides": {AttentionConfig field: value} (optional: EvalConfig.attention),
    "probes": {name: {"protocol": "generate" | "teacher_forced", "metric": str,
                      "plot": "heatmap" | "lines" | "curve" | None,
                      "x": column, "y": column (heatmap), "series": column or None,
@@ -239,6 +240,10 @@ def _header(models: Sequence[tuple[str, dict]]) -> list[str]:
     cells = ["evaluated" if i == 0 else "compared", label] + [
         "-" if r.get(k) is None else r[k] for k in ("step", "checkpoint", "train_length")]
     lines.append("| " + " | ".join(map(_md, cells)) + " |")
+  for label, r in models:
+    if r.get("attention_overrides"):
+      lines += ["", f"{_md(label)} was evaluated with attention settings it did not train with "
+                    f"(EvalConfig.attention): `{json.dumps(r['attention_overrides'])}`."]
   return lines
 
 

@@ -49,10 +49,14 @@ class EvalConfig:
   """suite: probes `lcjax.eval` runs on a checkpoint (names in `PROBES`); in_loop: probes the
   training loop runs every `TrainConfig.eval_every` steps, configured in the gin scope
   `in_loop/` (e.g. `in_loop/NiahGrid.protocol = "teacher_forced"`), so they can stay light.
-  rows: examples per batch, for generation and teacher forcing alike."""
+  rows: examples per batch, for generation and teacher forcing alike.
+  attention: AttentionConfig fields `lcjax.eval` overrides in the model it evaluates, not in
+  the one that trained: `{"rope_scaling": {"rope_type": "yarn", ...}}` scores a checkpoint
+  zero-shot with a RoPE scaling it never trained with. results.json and report.md name them."""
   suite: tuple[str, ...] = ("niah_grid", "ppl_by_position")
   in_loop: tuple[str, ...] = ()
   rows: int = 8
+  attention: dict = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     check_types(self)

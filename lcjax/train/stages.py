@@ -139,6 +139,12 @@ def stage_run(base, stage: Stage):
   return dataclasses.replace(base, model=model, data=data, train=train)
 
 
+def with_attention(run, overrides: dict, binding: str):
+  """`run` with its AttentionConfig's fields replaced by `overrides` (from gin `binding`)."""
+  attention = _replace(run.model.attention, overrides, binding)
+  return dataclasses.replace(run, model=dataclasses.replace(run.model, attention=attention))
+
+
 def _rows(stage: Stage, seq_len: int) -> int | None:
   if stage.batch_tokens is None:
     return stage.batch_size

@@ -5,6 +5,7 @@ import pytest
 
 import lcjax.data as data
 from lcjax.data import mqar, passkey
+from lcjax.errors import ConfigError
 from tests.data.helpers import documents
 
 BYTE = data.vocabulary(data.DataConfig())
@@ -54,6 +55,27 @@ def test_mqar_answers_recoverable_for_every_validation_example():
     assert len(query_keys) == len(spans) == mcfg.num_queries
     assert [BYTE.decode(s) for s in spans] == [pairs[k] for k in query_keys]
     assert weights[-1] == 0  # no loss on EOS
+
+
+@pytest.mark.parametrize("key_letters,value_digits", [(1, 1), (2, 1), (3, 2)])
+def test_mqar_format_lengths_and_answers(key_letters, value_digits):
+  cfg = mqar.MqarConfig(num_pairs=12, num_queries=6, num_validation=50,
+                        key_letters=key_letters, value_digits=value_digits)
+  segments, loss = mqar.generate(cfg, "validation")
+  for row, flags in zip(segments, loss):
+    text = "".join(row)
+    assert len(text) == mqar.example_bytes(cfg)
+    context = text.split(mqar.SEPARATOR)[0]
+    pairs = dict(re.findall(mqar.pair_re(key_letters, value_digits), context))
+    assert len(pairs) == cfg.num_pairs  # keys are unique
+    queried = [row[i - 1].split(" ")[-1].rstrip(":") for i in range(1, len(row), 2)]
+    assert [pairs[k] for k in queried] == list(row[1::2])
+    assert list(flags) == [0, 1] * cfg.num_queries
+
+
+def test_mqar_too_many_pairs_for_one_letter_keys_names_the_fix():
+  with pytest.raises(ConfigError, match="key_letters"):
+    mqar.generate(mqar.MqarConfig(num_pairs=14, num_queries=4, key_letters=1), "train")
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.3, 0.75, 1.0])

@@ -16,7 +16,13 @@ SMOKE = ["TrainConfig.steps = 1", "TrainConfig.checkpoint_every = 1", "TrainConf
 # finding -> the cell to run (the one whose variants differ most from the base gin files)
 FINDINGS = {"recall_needs_attention": "model=hybrid_pairs=16",
             "nope_extrapolation": "model=hybrid_nope_seed=0",
-            "bf16_rope": "rope_dtype=bfloat16_attention=anchor"}
+            "bf16_rope": "rope_dtype=bfloat16_attention=anchor",
+            "rope_scaling": "method=yarn_ft"}
+# A finding's own cuts, for the variants that set their steps themselves (stages).
+SMOKE_EXTRA = {"rope_scaling": ["TrainConfig.steps = 2", "base/Stage.steps = 1",
+                                "long/Stage.steps = 1", "long/Stage.warmup_steps = 1",
+                                "long/Stage.batch_size = 8",  # 8 fake devices
+                                "PplByPosition.lengths = (64, 1024)"]}  # the grid metric's
 
 
 def _path(name):
@@ -24,14 +30,20 @@ def _path(name):
 
 
 def _smoke_grid(tmp_path, name):
-  """A grid file: the finding's grid with SMOKE bindings appended."""
+  """A grid file: the finding's grid with the smoke bindings appended to its own and to every
+  variant's (which come after its own)."""
   path = tmp_path / f"{name}_smoke.py"
+  smoke = SMOKE + SMOKE_EXTRA.get(name, [])
   path.write_text(
       "import importlib.util\n\n\ndef get_config():\n"
       f"  spec = importlib.util.spec_from_file_location('g', {_path(name)!r})\n"
       "  module = importlib.util.module_from_spec(spec)\n  spec.loader.exec_module(module)\n"
       "  c = module.get_config()\n"
-      f"  c.bindings = list(c.bindings) + {SMOKE!r}\n  return c\n")
+      f"  smoke = {smoke!r}\n"
+      "  c.bindings = list(c.bindings) + smoke\n"
+      "  c.axes = [(n, {k: list(b) + smoke for k, b in v.items()} if hasattr(v, 'items') else v)\n"
+      "            for n, v in c.axes]\n"
+      "  return c\n")
   return str(path)
 
 
