@@ -103,14 +103,16 @@ _PINNED = ("-c", "import os, sys; os.sched_setaffinity(0, map(int, sys.argv[1].s
 
 
 _RUNNING: set = set()  # the cells' live processes, which SIGTERM is passed on to
+_STOPPING = threading.Event()  # set by SIGTERM: no further cell or command starts
 
 
 @contextlib.contextmanager
 def passing_on_sigterm():
-  """SIGTERM to the sweep (a preempted or requeued SLURM task) goes to every cell's process:
-  lcjax.train saves a checkpoint and exits 0, the cell is recorded as stopped short of its
-  steps, and the next `run` resumes it."""
+  """SIGTERM to the sweep (a preempted or requeued SLURM task, or a user's kill) goes to every
+  cell's process: lcjax.train saves a checkpoint and exits 0, the cell is recorded as stopped
+  short of its steps, no further cell starts, and the next `run` resumes them."""
   def forward(signum, frame):
+    _STOPPING.set()
     for proc in list(_RUNNING):
       if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -120,6 +122,7 @@ def passing_on_sigterm():
     yield
   finally:
     signal.signal(signal.SIGTERM, previous)
+    _STOPPING.clear()
 
 
 def run_cell(grid, cell: Cell, root, steps: int, where: Placement,
@@ -132,6 +135,8 @@ def run_cell(grid, cell: Cell, root, steps: int, where: Placement,
   code = 0
   with _log(root, cell.name) as log:
     for cmd in commands(grid, cell, root, python):
+      if _STOPPING.is_set():  # e.g. the evaluation of a cell whose training just ended
+        break
       proc = _start(cmd, where, log)
       status.write_status(root, cell.name, state="running", pid=proc.pid, **base)
       code = proc.wait()
@@ -176,7 +181,7 @@ def run_cells(grid, cells: list[Cell], root, steps: dict, placements: list[Place
   states, lock = {}, threading.Lock()
 
   def slot(where: Placement):
-    while True:
+    while not _STOPPING.is_set():
       try:
         cell = todo.get_nowait()
       except queue.Empty:

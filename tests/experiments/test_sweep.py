@@ -216,6 +216,26 @@ def test_sigterm_to_the_sweep_reaches_every_cells_process(tmp_path):
     assert [p.wait(timeout=30) for p in procs] == [7, 7]  # each handled SIGTERM itself
 
 
+def test_after_sigterm_the_sweep_starts_no_further_cell(tmp_path, monkeypatch):
+  from lcjax.sweep.placement import Placement
+
+  cells = grids.expand(grids.load_grid(LR_X_PATTERN))[:3]
+  ran = []
+
+  def run_cell(grid, cell, *args):  # the first cell's run is cut short by a SIGTERM
+    ran.append(cell.name)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert runner._STOPPING.wait(timeout=30)  # as its process ends once SIGTERM reached it
+    return "failed"
+
+  monkeypatch.setattr(runner, "run_cell", run_cell)
+  with runner.passing_on_sigterm():
+    states = runner.run_cells({}, cells, tmp_path, {c.name: 1 for c in cells},
+                              [Placement(devices=(), env={}, cpus=None)],
+                              say=lambda _: None)
+  assert ran == [cells[0].name] and states == {cells[0].name: "failed"}
+
+
 def test_a_cell_process_runs_pinned_to_its_cores(tmp_path):
   from lcjax.sweep.placement import Placement
 
