@@ -3,8 +3,10 @@ and tiny evaluations, runs through the sweep tool, and the report states the cla
 the grid's figures and analysis. The full grids are not run here (minutes to half an hour
 each on 2 cores); their reports are committed under experiments/results/."""
 import os
+import re
 
 import pytest
+from etils import epath
 
 from lcjax.sweep import commands
 from lcjax.sweep import grid as grids
@@ -60,8 +62,9 @@ def test_one_cell_of_each_finding_runs_and_reports(tmp_path, name):
   assert "## Claim and expected direction" in report and grid.claim[:40] in report
   for pattern, x_label in grid.get("figures", []):
     assert any(x_label.replace(" ", "_") in f for f in written), (pattern, written)
-  if grid.get("analysis", None):
-    assert "![logit error by position](rope_logit_error.png)" in report
-    assert open(os.path.join(out, "rope_logit_error.png"), "rb").read(4) == b"\x89PNG"
+  if grid.get("analysis", None):  # its markdown is in the report, with any plot it links
+    assert grid.analysis(epath.Path(out)).splitlines()[0] in report
+    for png in re.findall(r"\]\(([^)]+\.png)\)", report):
+      assert open(os.path.join(out, png), "rb").read(4) == b"\x89PNG"
   for png in [f for f in written if f.endswith(".png")]:
     assert open(os.path.join(out, png), "rb").read(4) == b"\x89PNG"
