@@ -22,9 +22,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
+DEMO_GIN = --gin_file=configs/demo.gin --gin_file=configs/recipes/demo_retrieval.gin
 demo: install
-	$(PY) -m lcjax.train --gin_file=configs/demo.gin --workdir=$(DEMO_DIR)
-	$(PY) -m lcjax.eval --gin_file=configs/demo.gin --workdir=$(DEMO_DIR)
+	$(PY) -m lcjax.train $(DEMO_GIN) --workdir=$(DEMO_DIR)
+	$(PY) -m lcjax.eval $(DEMO_GIN) --workdir=$(DEMO_DIR)
 
 $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	$(PY) -m pip install -q -r requirements-test.txt

@@ -62,7 +62,7 @@ def digit_attention(model, batch, ids: np.ndarray) -> list[float]:
   x, masses = model.embed(batch["inputs"]), []
   for block in model.blocks:
     if isinstance(block.mixer, Attention):
-      q, k, _ = block.mixer._qkv(block.norm(x), pos)
+      q, k, _ = block.mixer._qkv(block.norm(x), pos, x.shape[1])
       k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
       scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
       probs = jax.nn.softmax(jnp.where(visible[:, None], scores, -1e30), axis=-1)

@@ -4,8 +4,9 @@ Tasks (all decoder-only, features described in preprocessors.py):
   lcjax_shakespeare  plays cut into sequence_length-token windows, loss everywhere (plain LM)
   lcjax_passkey      passkey retrieval, loss on the answer (passkey.py; prompt -> answer)
   lcjax_mqar         multi-query associative recall, loss on values (mqar.py; prompt -> answer)
+  lcjax_copy         copying a random string, loss on the copy (copying.py; prompt -> answer)
 Mixture:
-  lcjax_demo         all three, rates from MixtureRates
+  lcjax_demo         all four, rates from MixtureRates
 
 Sources are index streams gathered from constant tensors: shuffling is a
 stateless permutation of indices per epoch (so seqio adds no shuffle buffer),
@@ -20,11 +21,12 @@ import seqio
 import tensorflow as tf
 
 from lcjax.config import check_types
-from lcjax.data import mqar, passkey, preprocessors, shakespeare, vocab
+from lcjax.data import copying, mqar, passkey, preprocessors, shakespeare, vocab
 from lcjax.errors import ConfigError
 
-SHAKESPEARE, PASSKEY, MQAR, DEMO = "lcjax_shakespeare", "lcjax_passkey", "lcjax_mqar", "lcjax_demo"
-TASKS = (SHAKESPEARE, PASSKEY, MQAR)
+SHAKESPEARE, PASSKEY, MQAR, COPY = "lcjax_shakespeare", "lcjax_passkey", "lcjax_mqar", "lcjax_copy"
+DEMO = "lcjax_demo"
+TASKS = (SHAKESPEARE, PASSKEY, MQAR, COPY)
 SPLITS = ("train", "validation")
 
 # Tasks registered as prompt -> answer (`register_task(..., answers=True)`): eval reports exact
@@ -38,6 +40,7 @@ class MixtureRates:
   shakespeare: float = 0.5
   passkey: float = 0.3
   mqar: float = 0.2
+  copy: float = 0.0
 
   def __post_init__(self):
     check_types(self)  # a wrong-typed gin binding fails here, naming it
@@ -150,6 +153,11 @@ def mqar_columns(config: mqar.MqarConfig, split: str):
   return mqar.generate(config, split)
 
 
+@functools.cache
+def copy_columns(config: copying.CopyConfig, split: str):
+  return copying.generate(config, split)
+
+
 def output_features(cfg) -> dict[str, seqio.Feature]:
   return {
       # EOS is appended by us (at a document's end, not a window's end).
@@ -178,6 +186,16 @@ def check_mqar_fits(cfg, mqar_cfg) -> None:
         f"An MQAR example takes {need} byte tokens, more than "
         f"DataConfig.sequence_length={cfg.sequence_length}. Fix: raise "
         "sequence_length or lower MqarConfig.num_pairs / num_queries."
+    )
+
+
+def check_copy_fits(cfg, copy_cfg) -> None:
+  need = copying.example_bytes(copy_cfg) + 1
+  if cfg.vocabulary == "byte" and need > cfg.sequence_length:
+    raise ConfigError(
+        f"A copy example takes up to {need} byte tokens, more than "
+        f"DataConfig.sequence_length={cfg.sequence_length}. Fix: raise sequence_length or "
+        "lower CopyConfig.max_chars."
     )
 
 
@@ -210,6 +228,7 @@ def register_tasks(cfg) -> None:
   (PasskeyConfig, MqarConfig, MixtureRates) and `cfg` take effect.
   """
   passkey_cfg, mqar_cfg, rates = passkey.PasskeyConfig(), mqar.MqarConfig(), MixtureRates()
+  copy_cfg = copying.CopyConfig()
 
   # Checked when a task's data is first built, so a config that never uses
   # a task is not rejected because of it.
@@ -220,6 +239,10 @@ def register_tasks(cfg) -> None:
   def mqar_split(split):
     check_mqar_fits(cfg, mqar_cfg)
     return mqar_columns(mqar_cfg, split)
+
+  def copy_split(split):
+    check_copy_fits(cfg, copy_cfg)
+    return copy_columns(copy_cfg, split)
 
   def tokenize(eos_loss):
     return [
@@ -235,7 +258,10 @@ def register_tasks(cfg) -> None:
                 answers=True)
   register_task(MQAR, gather_source(mqar_split), tokenize(eos_loss=False), features,
                 answers=True)
+  register_task(COPY, gather_source(copy_split), tokenize(eos_loss=True), features,
+                answers=True)
   seqio.MixtureRegistry.add(
       DEMO,
-      [(SHAKESPEARE, rates.shakespeare), (PASSKEY, rates.passkey), (MQAR, rates.mqar)],
+      [(SHAKESPEARE, rates.shakespeare), (PASSKEY, rates.passkey), (MQAR, rates.mqar),
+       (COPY, rates.copy)],
   )

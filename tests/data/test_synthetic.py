@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import lcjax.data as data
-from lcjax.data import mqar, passkey
+from lcjax.data import copying, mqar, passkey
 from lcjax.errors import ConfigError
 from tests.data.helpers import documents
 
@@ -38,6 +38,30 @@ def test_passkey_answer_recoverable_for_every_validation_example():
     (answer,) = spans
     assert answer[-1] == BYTE.eos_id  # the EOS after the digits carries loss
     assert BYTE.decode(answer[:-1]) == key and len(key) == 5
+
+
+def test_copy_answer_is_the_prompts_string_for_every_validation_example():
+  cfg = data.DataConfig(sequence_length=128)
+  batches = data.make_eval_batches(cfg, "lcjax_copy", batch_size=32, num_batches=100)
+  docs = list(documents(batches))
+  ccfg = copying.CopyConfig()
+  assert len(docs) == ccfg.num_validation
+  lengths = set()
+  for targets, weights in docs:
+    prompt, (answer,) = _split(targets, weights)
+    text, rest = prompt.split(copying.SEPARATOR)
+    assert rest == "" and set(text) <= set(copying.ALPHABET)
+    assert answer[-1] == BYTE.eos_id and BYTE.decode(answer[:-1]) == text
+    lengths.add(len(text))
+  assert min(lengths) >= ccfg.min_chars and max(lengths) <= ccfg.max_chars and len(lengths) > 10
+
+
+def test_copy_bad_lengths_name_the_fix():
+  with pytest.raises(ConfigError, match="min_chars"):
+    copying.CopyConfig(min_chars=20, max_chars=10)
+  cfg = data.DataConfig(sequence_length=64)  # 2 x 48 + 3 + EOS do not fit
+  with pytest.raises(ConfigError, match="CopyConfig.max_chars"):
+    data.make_eval_batches(cfg, "lcjax_copy", batch_size=2, num_batches=1)
 
 
 def test_mqar_answers_recoverable_for_every_validation_example():
@@ -136,3 +160,6 @@ def test_synthetic_generation_is_deterministic():
   assert np.array_equal(a[0], b[0])
   v = mqar.generate(mqar.MqarConfig(num_validation=50), "validation")
   assert not np.array_equal(a[0], v[0])
+  c = copying.CopyConfig(num_train=50, num_validation=50)
+  assert np.array_equal(copying.generate(c, "train")[0], copying.generate(c, "train")[0])
+  assert not np.array_equal(copying.generate(c, "train")[0], copying.generate(c, "validation")[0])

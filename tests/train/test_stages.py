@@ -194,7 +194,10 @@ def test_a_recipe_runs_a_step_per_stage(tmp_path):
   gin.clear_config()
   parse_gin([f"{REPO}/configs/recipes/abf_extension.gin"],
             ["abf_4k/Stage.steps = 1", "abf_16k/Stage.steps = 1", "TrainConfig.steps = 2",
-             "TrainConfig.eval_batches = 1"])
+             "TrainConfig.eval_batches = 1", "copying/TokenShareMixture.report_batches = 0",
+             "retrieval/TokenShareMixture.report_batches = 0",
+             "copying/TokenShareMixture.sample_examples = 8",
+             "retrieval/TokenShareMixture.sample_examples = 8"])
   try:
     summary = train(str(tmp_path))
   finally:
@@ -238,3 +241,24 @@ def test_stages_name_a_source_then_a_token_share_mixture_at_another_length(tmp_p
                                                                            (2, 1, 128)]
   assert "Token shares of mixture 'mix' over its first 2 batches" in capsys.readouterr().out
   assert np.isfinite(summary["eval"]["eval/mine/loss"])
+
+
+def test_the_demo_recipe_copies_first_then_retrieves(tmp_path):
+  """`make demo`'s config (demo.gin + recipes/demo_retrieval.gin) builds both stages and runs a
+  step of each on its own mixture."""
+  gin.clear_config()
+  parse_gin([f"{REPO}/configs/demo.gin", f"{REPO}/configs/recipes/demo_retrieval.gin"],
+            ["copying/Stage.steps = 1", "retrieval/Stage.steps = 1", "TrainConfig.steps = 2",
+             "TrainConfig.eval_batches = 1", "copying/TokenShareMixture.report_batches = 0",
+             "retrieval/TokenShareMixture.report_batches = 0",
+             "copying/TokenShareMixture.sample_examples = 8",
+             "retrieval/TokenShareMixture.sample_examples = 8"])
+  try:
+    run = Run.from_gin()
+    assert run.model.pattern == "*M-*M-"
+    assert [p.run.data.train_mixture for p in stages.plan(run)] == [
+        "demo_copying", "demo_retrieval"]
+    summary = train(str(tmp_path))
+  finally:
+    gin.clear_config()
+  assert summary["step"] == 2 and "eval/lcjax_copy/exact_match" in summary["eval"]
