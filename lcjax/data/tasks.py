@@ -179,23 +179,14 @@ def check_passkey_fits(cfg, passkey_cfg) -> None:
     )
 
 
-def check_mqar_fits(cfg, mqar_cfg) -> None:
-  need = mqar.example_bytes(mqar_cfg) + 1
+def check_example_fits(cfg, what: str, example_bytes: int, fix: str) -> None:
+  """A synthetic example of `example_bytes` (its EOS added) must fit a byte-token row."""
+  need = example_bytes + 1
   if cfg.vocabulary == "byte" and need > cfg.sequence_length:
     raise ConfigError(
-        f"An MQAR example takes {need} byte tokens, more than "
-        f"DataConfig.sequence_length={cfg.sequence_length}. Fix: raise "
-        "sequence_length or lower MqarConfig.num_pairs / num_queries."
-    )
-
-
-def check_copy_fits(cfg, copy_cfg) -> None:
-  need = copying.example_bytes(copy_cfg) + 1
-  if cfg.vocabulary == "byte" and need > cfg.sequence_length:
-    raise ConfigError(
-        f"A copy example takes up to {need} byte tokens, more than "
+        f"{what} takes up to {need} byte tokens, more than "
         f"DataConfig.sequence_length={cfg.sequence_length}. Fix: raise sequence_length or "
-        "lower CopyConfig.max_chars."
+        f"{fix}."
     )
 
 
@@ -237,11 +228,13 @@ def register_tasks(cfg) -> None:
     return passkey_columns(passkey_cfg, cfg.sequence_length, split)
 
   def mqar_split(split):
-    check_mqar_fits(cfg, mqar_cfg)
+    check_example_fits(cfg, "An MQAR example", mqar.example_bytes(mqar_cfg),
+                       "lower MqarConfig.num_pairs / num_queries")
     return mqar_columns(mqar_cfg, split)
 
   def copy_split(split):
-    check_copy_fits(cfg, copy_cfg)
+    check_example_fits(cfg, "A copy example", copying.example_bytes(copy_cfg),
+                       "lower CopyConfig.max_chars")
     return copy_columns(copy_cfg, split)
 
   def tokenize(eos_loss):
