@@ -5,6 +5,7 @@ Tasks (all decoder-only, features described in preprocessors.py):
   lcjax_passkey      passkey retrieval, loss on the answer (passkey.py; prompt -> answer)
   lcjax_mqar         multi-query associative recall, loss on values (mqar.py; prompt -> answer)
   lcjax_copy         copying a random string, loss on the copy (copying.py; prompt -> answer)
+  lcjax_phonebook    phonebook lookup, loss on the number (phonebook.py; prompt -> answer)
 Mixture:
   lcjax_demo         all four, rates from MixtureRates (copy only with a rate > 0)
 
@@ -21,12 +22,13 @@ import seqio
 import tensorflow as tf
 
 from lcjax.config import check_types
-from lcjax.data import copying, mqar, passkey, preprocessors, shakespeare, vocab
+from lcjax.data import copying, mqar, passkey, phonebook, preprocessors, shakespeare, vocab
 from lcjax.errors import ConfigError
 
 SHAKESPEARE, PASSKEY, MQAR, COPY = "lcjax_shakespeare", "lcjax_passkey", "lcjax_mqar", "lcjax_copy"
+PHONEBOOK = "lcjax_phonebook"
 DEMO = "lcjax_demo"
-TASKS = (SHAKESPEARE, PASSKEY, MQAR, COPY)
+TASKS = (SHAKESPEARE, PASSKEY, MQAR, COPY, PHONEBOOK)
 SPLITS = ("train", "validation")
 
 # Tasks registered as prompt -> answer (`register_task(..., answers=True)`): eval reports exact
@@ -158,6 +160,11 @@ def copy_columns(config: copying.CopyConfig, split: str):
   return copying.generate(config, split)
 
 
+@functools.cache
+def phonebook_columns(config: phonebook.PhonebookConfig, split: str):
+  return phonebook.generate(config, split)
+
+
 def output_features(cfg) -> dict[str, seqio.Feature]:
   return {
       # EOS is appended by us (at a document's end, not a window's end).
@@ -219,7 +226,7 @@ def register_tasks(cfg) -> None:
   (PasskeyConfig, MqarConfig, MixtureRates) and `cfg` take effect.
   """
   passkey_cfg, mqar_cfg, rates = passkey.PasskeyConfig(), mqar.MqarConfig(), MixtureRates()
-  copy_cfg = copying.CopyConfig()
+  copy_cfg, phonebook_cfg = copying.CopyConfig(), phonebook.PhonebookConfig()
 
   # Checked when a task's data is first built, so a config that never uses
   # a task is not rejected because of it.
@@ -237,6 +244,11 @@ def register_tasks(cfg) -> None:
                        "lower CopyConfig.max_chars")
     return copy_columns(copy_cfg, split)
 
+  def phonebook_split(split):
+    check_example_fits(cfg, "A phonebook example", phonebook.example_bytes(phonebook_cfg),
+                       "lower PhonebookConfig.max_entries")
+    return phonebook_columns(phonebook_cfg, split)
+
   def tokenize(eos_loss):
     return [
         functools.partial(preprocessors.tokenize_segments, eos_loss=eos_loss),
@@ -252,6 +264,8 @@ def register_tasks(cfg) -> None:
   register_task(MQAR, gather_source(mqar_split), tokenize(eos_loss=False), features,
                 answers=True)
   register_task(COPY, gather_source(copy_split), tokenize(eos_loss=True), features,
+                answers=True)
+  register_task(PHONEBOOK, gather_source(phonebook_split), tokenize(eos_loss=True), features,
                 answers=True)
   # Copy joins only when it has a rate: seqio builds every task of a mixture, and a copy example
   # (up to ~100 bytes by default) must not make rows of 64 tokens an error for runs without it.

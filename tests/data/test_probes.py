@@ -2,19 +2,15 @@
 lengths are token-exact for byte and SentencePiece vocabularies, and draws follow the seed."""
 
 import collections
-import importlib
 import re
 
 import pytest
 
 from lcjax.data import passkey, probes, shakespeare, train_spm
 from lcjax.data import mqar as mqar_task
+from lcjax.data import phonebook as phonebook_task
 from lcjax.data.probes import needle, ruler
 from lcjax.data.vocab import from_name
-
-# The package exports the function `phonebook`, which hides the module of the same name.
-phonebook_module = importlib.import_module("lcjax.data.probes.phonebook")
-
 
 @pytest.fixture(scope="module")
 def spm(tmp_path_factory):
@@ -165,7 +161,7 @@ def test_phonebook_oracle(vocab):
   for entries in (1, 20, 200):
     for example in probes.phonebook(vocab, entries=entries, num=2, seed=6):
       text = _text(vocab, example.prompt)
-      book = dict(re.findall(phonebook_module.LINE_RE, text))
+      book = dict(re.findall(phonebook_task.LINE_RE, text))
       name = re.search(r"What is the phone number of (.+?)\?", text).group(1)
       assert len(book) == entries and (book[name],) == example.references
       assert _answer(vocab, example) == book[name]

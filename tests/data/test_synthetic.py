@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import lcjax.data as data
-from lcjax.data import copying, mqar, passkey
+from lcjax.data import copying, mqar, passkey, phonebook
 from lcjax.errors import ConfigError
 from tests.data.helpers import documents
 
@@ -62,6 +62,33 @@ def test_copy_bad_lengths_name_the_fix():
   cfg = data.DataConfig(sequence_length=64)  # 2 x 48 + 3 + EOS do not fit
   with pytest.raises(ConfigError, match="CopyConfig.max_chars"):
     data.make_eval_batches(cfg, "lcjax_copy", batch_size=2, num_batches=1)
+
+
+def test_phonebook_answer_is_the_asked_names_number_for_every_validation_example():
+  cfg = data.DataConfig(sequence_length=512)
+  batches = data.make_eval_batches(cfg, "lcjax_phonebook", batch_size=32, num_batches=100)
+  docs = list(documents(batches))
+  pcfg = phonebook.PhonebookConfig()
+  assert len(docs) == pcfg.num_validation
+  sizes = set()
+  for targets, weights in docs:
+    prompt, (answer,) = _split(targets, weights)
+    book = dict(re.findall(phonebook.LINE_RE, prompt))
+    (asked,) = re.findall(r"What is the phone number of (.+)\? \1:$", prompt)
+    assert answer[-1] == BYTE.eos_id and BYTE.decode(answer[:-1]) == " " + book[asked]
+    assert len(set(book.values())) == len(book)  # numbers distinct: one right answer
+    sizes.add(len(book))
+  assert sizes == set(range(pcfg.min_entries, pcfg.max_entries + 1))
+
+
+def test_phonebook_bad_sizes_name_the_fix():
+  with pytest.raises(ConfigError, match="min_entries"):
+    phonebook.PhonebookConfig(min_entries=8, max_entries=4)
+  # The longest possible book of 16 entries is 498 bytes: it does not fit a row of 256.
+  assert phonebook.example_bytes(phonebook.PhonebookConfig()) == 498
+  cfg = data.DataConfig(sequence_length=256)
+  with pytest.raises(ConfigError, match="PhonebookConfig.max_entries"):
+    data.make_eval_batches(cfg, "lcjax_phonebook", batch_size=2, num_batches=1)
 
 
 def test_mqar_answers_recoverable_for_every_validation_example():
@@ -163,3 +190,7 @@ def test_synthetic_generation_is_deterministic():
   c = copying.CopyConfig(num_train=50, num_validation=50)
   assert np.array_equal(copying.generate(c, "train")[0], copying.generate(c, "train")[0])
   assert not np.array_equal(copying.generate(c, "train")[0], copying.generate(c, "validation")[0])
+  p = phonebook.PhonebookConfig(num_train=20, num_validation=20)
+  assert np.array_equal(phonebook.generate(p, "train")[0], phonebook.generate(p, "train")[0])
+  assert not np.array_equal(phonebook.generate(p, "train")[0],
+                            phonebook.generate(p, "validation")[0])

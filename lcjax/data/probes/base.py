@@ -29,8 +29,6 @@ NOUNS = (
     "jacket", "kettle", "lantern", "meadow", "needle", "orchard", "pebble", "quarry", "river",
     "saddle", "tower",
 )
-_CONSONANTS = "bdfgklmnprstvz"
-_VOWELS = "aeiou"
 
 
 class CellError(ValueError):
@@ -71,17 +69,6 @@ def target_ids(vocab, answer: str, max_new_tokens: int) -> tuple[int, ...]:
         f"{max_new_tokens}. Fix: raise max_new_tokens."
     )
   return ids
-
-
-def pseudo_words(rng: np.random.Generator, n: int, syllables: int = 3) -> list[str]:
-  """`n` distinct pronounceable pseudo-words (consonant-vowel syllables), no word list needed."""
-  cv = np.array([c + v for c in _CONSONANTS for v in _VOWELS])
-  words: dict[str, None] = {}
-  while len(words) < n:
-    # Draw in batches (a long context needs tens of thousands); repeats are dropped.
-    draws = cv[rng.integers(0, len(cv), size=(n - len(words), syllables))]
-    words.update(dict.fromkeys("".join(row) for row in draws.tolist()))
-  return list(words)[:n]
 
 
 def haystack_units(source: str, rng: np.random.Generator) -> Iterator[str]:

@@ -1,7 +1,7 @@
 """RULER's aggregation and tracing tasks, adapted: variable tracking (VT), common words
 extraction (CWE) and frequent words extraction (FWE). All are scored with string_match_all.
 
-Words are deterministic pseudo-words (base.pseudo_words): nothing is downloaded, and they are
+Words are deterministic pseudo-words (lcjax.data.words): nothing is downloaded, and they are
 unlikely to collide with the haystack's own words.
 """
 import collections
@@ -16,9 +16,9 @@ from lcjax.data.probes.base import (
     filler_ids,
     fit_count,
     haystack_units,
-    pseudo_words,
     target_ids,
 )
+from lcjax.data.words import pseudo_words
 
 VT_PREFIX = "Track the chains of variable assignments hidden in the text below.\n"
 VT_QUESTION = (
