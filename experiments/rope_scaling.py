@@ -23,16 +23,33 @@ import ml_collections
 L = 128
 BASE_STEPS = 800
 TUNE_STEPS = 200
-# AttentionConfig overrides for each method (transformers' rope_scaling dicts).
-METHODS = {
-    "none": {},
-    "pi": {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
-    "ntk": {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0,
-                             "original_max_position_embeddings": L}},
-    "yarn": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
-                              "original_max_position_embeddings": L}},
-    "abf": {"rope_theta": 1e6},
-}
+
+
+def methods(train_length: int) -> dict[str, dict]:
+  """AttentionConfig overrides for each method (transformers' rope_scaling dicts), for a model
+  trained at `train_length`, each aimed at 4x that length."""
+  return {
+      "none": {},
+      "pi": {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+      "ntk": {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0,
+                               "original_max_position_embeddings": train_length}},
+      "yarn": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                "original_max_position_embeddings": train_length}},
+      "abf": {"rope_theta": 1e6},
+  }
+
+
+def long_stage(attention: dict, train_length: int, batch_size: int) -> list[str]:
+  """The `long` stage of a fine-tuned cell: TUNE_STEPS at twice the training length with the
+  method applied, as many tokens per step as before."""
+  return [
+      f"long/Stage.steps = {TUNE_STEPS}",
+      f"long/Stage.sequence_length = {2 * train_length}",
+      f"long/Stage.batch_size = {batch_size // 2}",
+      "long/Stage.peak_learning_rate = 1e-3",
+      "long/Stage.warmup_steps = 20",
+      f"long/Stage.attention = {attention!r}",
+  ]
 
 
 def _zero_shot(attention: dict) -> list[str]:
@@ -44,12 +61,7 @@ def _fine_tuned(attention: dict) -> list[str]:
       "TrainConfig.stages = [@base/Stage(), @long/Stage()]",
       f"TrainConfig.steps = {BASE_STEPS + TUNE_STEPS}",
       f"base/Stage.steps = {BASE_STEPS}",
-      f"long/Stage.steps = {TUNE_STEPS}",
-      f"long/Stage.sequence_length = {2 * L}",
-      "long/Stage.batch_size = 4",  # the base's tokens per step
-      "long/Stage.peak_learning_rate = 1e-3",
-      "long/Stage.warmup_steps = 20",
-      f"long/Stage.attention = {attention!r}",
+      *long_stage(attention, L, 8),
   ]
 
 
@@ -69,8 +81,8 @@ def get_config():
   ]
   c.eval = True
   c.axes = [("method", {
-      **{name: _zero_shot(attention) for name, attention in METHODS.items()},
-      **{f"{name}_ft": _fine_tuned(attention) for name, attention in METHODS.items()},
+      **{name: _zero_shot(attention) for name, attention in methods(L).items()},
+      **{f"{name}_ft": _fine_tuned(attention) for name, attention in methods(L).items()},
   })]
   c.metric = "suite/ppl_by_position/length=1024"
   c.figures = [("suite/ppl_by_position/length=*", "evaluation length")]

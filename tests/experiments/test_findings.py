@@ -20,12 +20,19 @@ FINDINGS = {"recall_needs_attention": "model=hybrid_pairs=8",
             "recall_phonebook": "model=hybrid_entries=4",
             "nope_extrapolation": "model=hybrid_nope_seed=0",
             "bf16_rope": "rope_dtype=bfloat16_attention=anchor",
-            "rope_scaling": "method=yarn_ft"}
+            "rope_scaling": "method=yarn_ft",
+            "rope_scaling_needle": "method=yarn_ft"}
 # A finding's own cuts, for the variants that set their steps themselves (stages).
 SMOKE_EXTRA = {"rope_scaling": ["TrainConfig.steps = 2", "base/Stage.steps = 1",
                                 "long/Stage.steps = 1", "long/Stage.warmup_steps = 1",
                                 "long/Stage.batch_size = 8",  # 8 fake devices
-                                "PplByPosition.lengths = (64, 1024)"]}  # the grid metric's
+                                "PplByPosition.lengths = (64, 1024)"],  # the grid metric's
+              "rope_scaling_needle": [
+                  "TrainConfig.steps = 3", "copying/Stage.steps = 1", "retrieval/Stage.steps = 1",
+                  "long/Stage.steps = 1", "long/Stage.warmup_steps = 1",
+                  "long/Stage.batch_size = 8",  # 8 fake devices
+                  "NiahGrid.lengths = (256, 512)", "NiahGrid.depths = (0.5,)",
+                  "NiahGrid.samples = 1"]}
 
 
 def _path(name):
