@@ -27,7 +27,10 @@ SMOKE_EXTRA = {"rope_scaling": ["TrainConfig.steps = 2", "base/Stage.steps = 1",
                                 "long/Stage.steps = 1", "long/Stage.warmup_steps = 1",
                                 "long/Stage.batch_size = 8",  # 8 fake devices
                                 "PplByPosition.lengths = (64, 1024)"],  # the grid metric's
+              # Every cell gets the fine-tuned cells' three stages: TrainConfig.steps must equal
+              # their sum in every cell, zero-shot ones included (validated, not run).
               "rope_scaling_needle": [
+                  "TrainConfig.stages = [@copying/Stage(), @retrieval/Stage(), @long/Stage()]",
                   "TrainConfig.steps = 3", "copying/Stage.steps = 1", "retrieval/Stage.steps = 1",
                   "long/Stage.steps = 1", "long/Stage.warmup_steps = 1",
                   "long/Stage.batch_size = 8",  # 8 fake devices
