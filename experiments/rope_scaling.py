@@ -14,8 +14,7 @@ beyond L:
 Methods: none (plain RoPE), pi (linear interpolation, factor 4), ntk (dynamic NTK, factor 4),
 yarn (factor 4), abf (base 1e4 -> 1e6). Every cell trains the same base (same seeds, same
 schedule), so zero-shot cells differ only in how they are evaluated.
-The needle grid is left out: the tiny Transformer does not learn random-depth retrieval at any
-length in a CPU budget (README, "What the demo shows"), so it could not show extension.
+The needle grid is rope_scaling_needle.py's (a model trained to retrieve, by the demo's recipe).
 """
 
 import ml_collections

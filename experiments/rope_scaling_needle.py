@@ -63,7 +63,7 @@ def get_config():
   c.claim = (
       "Expected (PI, YaRN, NTK, ABF papers): trained at 256 tokens, plain RoPE stops finding "
       "the needle beyond 256; a scaled RoPE keeps finding it further even zero-shot, and a "
-      "short fine-tune at 512 with the scaling recovers most of it out to 1024. Scale: ~0.1M "
+      "short fine-tune at 512 with the scaling recovers most of it out to 1024. Scale: 0.34M "
       "parameters, the demo's 1100 steps of 8 x 256 tokens, then 200 steps of 4 x 512 for the "
       "fine-tuned cells; 10 needles per length (5 depths x 2); one seed.")
   return c
