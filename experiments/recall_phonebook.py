@@ -10,21 +10,19 @@ number of Ada Bokitu? Ada Bokitu:"; loss on the number and EOS. The asked name i
 one-token keys. Scored by exact match (all 4 random digits right) on the 256 held-out books:
 a model that does not read the book scores 1e-4, one that picks a line at random 1 / entries.
 """
-import importlib.util
 import os
 
 import ml_collections
+
+from lcjax.sweep import grid as grids
 
 ENTRIES = (2, 4)
 
 
 def _recall_grid():
   """recall_needs_attention.py, whose models and settings this grid shares."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recall_needs_attention.py")
-  spec = importlib.util.spec_from_file_location("recall_needs_attention", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return grids.grid_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                        "recall_needs_attention.py"), "recall_needs_attention")
 
 
 def get_config():

@@ -12,10 +12,11 @@ depths with each way of handling positions beyond L, zero-shot (`<method>`: Eval
 and after a short stage at 2L with the method applied (`<method>_ft`), as rope_scaling.py does
 (its methods and its fine-tuning stage, for this L).
 """
-import importlib.util
 import os
 
 import ml_collections
+
+from lcjax.sweep import grid as grids
 
 L = 256
 BASE_STEPS = 1100  # the recipe's two stages
@@ -23,11 +24,8 @@ BASE_STEPS = 1100  # the recipe's two stages
 
 def _rope_scaling_grid():
   """rope_scaling.py, whose methods and fine-tuning stage this grid shares."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rope_scaling.py")
-  spec = importlib.util.spec_from_file_location("rope_scaling", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return grids.grid_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                        "rope_scaling.py"), "rope_scaling")
 
 
 def get_config():

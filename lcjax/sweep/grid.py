@@ -39,14 +39,21 @@ class Cell:
   bindings: tuple[str, ...]  # the grid's own bindings, then the cell's
 
 
+def grid_module(path: str, name: str = "grid"):
+  """The module of grid file `path`, executed: also how a grid builds on another's models or
+  methods (grid files are not a package, so they cannot import each other)."""
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def load_grid(path: str):
   """The ConfigDict of grid file `path`; a ConfigError when it is not a grid."""
   if not os.path.isfile(path):
     raise ConfigError(f"No grid file {path}: give a Python file with get_config() (e.g. "
                       "experiments/lr_x_pattern.py).")
-  spec = importlib.util.spec_from_file_location("grid", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = grid_module(path)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path} has no get_config(): it is not a grid.")
   grid = module.get_config()
