@@ -15,6 +15,7 @@ import gin
 import numpy as np
 
 from lcjax.config import check_types
+from lcjax.data.splits import split_draws
 from lcjax.errors import ConfigError
 
 SEPARATOR = " = "
@@ -50,9 +51,7 @@ def generate(cfg: CopyConfig, split: str):
 
   Returns (segments [n, 2] str: prompt, answer; loss [n, 2] int32: on the answer).
   """
-  n, seed = ((cfg.num_train, cfg.train_seed) if split == "train"
-             else (cfg.num_validation, cfg.validation_seed))
-  rng = np.random.default_rng(seed)
+  n, rng = split_draws(cfg, split)
   lengths = rng.integers(cfg.min_chars, cfg.max_chars + 1, size=n)
   letters = np.array(list(ALPHABET))
   texts = ["".join(letters[rng.integers(0, len(ALPHABET), size=k)]) for k in lengths]

@@ -17,6 +17,7 @@ import gin
 import numpy as np
 
 from lcjax.config import check_types
+from lcjax.data.splits import split_draws
 from lcjax.errors import ConfigError
 
 SEPARATOR = " | "
@@ -103,12 +104,7 @@ def generate(cfg: MqarConfig, split: str):
         f"({cfg.num_pairs}) <= {len(keys) // 2} (half the {cfg.key_letters}-letter keys). "
         "Fix: adjust them, or raise MqarConfig.key_letters."
     )
-  n, seed = (
-      (cfg.num_train, cfg.train_seed)
-      if split == "train"
-      else (cfg.num_validation, cfg.validation_seed)
-  )
-  rng = np.random.default_rng(seed)
+  n, rng = split_draws(cfg, split)
   codes = unique_keys(rng, n, cfg.num_pairs, len(keys))
   values = rng.integers(0, len(value_text), size=(n, cfg.num_pairs))
   # Queries: the first num_queries of a random permutation of the pairs.

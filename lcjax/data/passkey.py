@@ -15,6 +15,7 @@ import gin
 import numpy as np
 
 from lcjax.config import check_types
+from lcjax.data.splits import split_draws
 from lcjax.errors import ConfigError
 
 FILLER = (
@@ -103,12 +104,7 @@ def generate(cfg: PasskeyConfig, split: str, sequence_length: int):
   second mention, that mention, the rest of the prompt, the answer.
   """
   prompt_bytes = resolve_prompt_bytes(cfg, sequence_length)
-  n, seed = (
-      (cfg.num_train, cfg.train_seed)
-      if split == "train"
-      else (cfg.num_validation, cfg.validation_seed)
-  )
-  rng = np.random.default_rng(seed)
+  n, rng = split_draws(cfg, split)
   keys = rng.integers(0, 10, size=(n, cfg.digits))
   depths = rng.uniform(0, 1, size=n) if cfg.depth is None else np.full(n, cfg.depth)
   lengths = np.full(n, prompt_bytes)

@@ -16,6 +16,7 @@ import gin
 import numpy as np
 
 from lcjax.config import check_types
+from lcjax.data.splits import split_draws
 from lcjax.data.words import pseudo_words
 from lcjax.errors import ConfigError
 
@@ -86,9 +87,7 @@ def generate(cfg: PhonebookConfig, split: str):
 
   Returns (segments [n, 2] str: prompt, answer; loss [n, 2] int32: on the answer).
   """
-  n, seed = ((cfg.num_train, cfg.train_seed) if split == "train"
-             else (cfg.num_validation, cfg.validation_seed))
-  rng = np.random.default_rng(seed)
+  n, rng = split_draws(cfg, split)
   segments = []
   for entries in rng.integers(cfg.min_entries, cfg.max_entries + 1, size=n):
     names, numbers, asked = draw_book(rng, int(entries))
