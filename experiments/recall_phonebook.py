@@ -46,6 +46,6 @@ def get_config():
       "whatever the book's size; the pure Mamba-2 model's accuracy falls as the book grows "
       "(its state must hold every entry); one attention mixer among Mamba-2 ones closes most "
       "of the gap. Scale: 0.2-0.3M parameters, "
-      f"{recall.STEPS} steps of 8 x 224 tokens per cell (held-out accuracy logged every 300); "
+      f"{recall.STEPS} steps of 8 x 224 tokens per cell (held-out accuracy logged every 250); "
       "one seed.")
   return c

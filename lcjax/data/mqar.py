@@ -8,6 +8,10 @@ Keys are `key_letters` lowercase letters (unique within an example); values are
 `value_digits` digits. One letter and one digit make every key and value a single
 byte token, as zoology's MQAR has them: recall without first having to assemble a
 key from several tokens, which small models learn in far fewer steps.
+
+`filler` random capital letters between the pairs and the queries make the example longer
+without adding pairs ("a:7 q:3XKQBTR | q:3 a:7"): the same recall over a longer distance,
+through tokens that are neither keys nor values.
 """
 import dataclasses
 import itertools
@@ -52,6 +56,7 @@ class MqarConfig:
   validation_seed: int = 4
   key_letters: int = 3
   value_digits: int = 2
+  filler: int = 0
 
   def __post_init__(self):
     check_types(self)  # a wrong-typed gin binding fails here, naming it
@@ -60,7 +65,7 @@ class MqarConfig:
 def example_bytes(cfg: MqarConfig) -> int:
   """Byte length of one example (without EOS): fixed by the format."""
   pair = cfg.key_letters + 1 + cfg.value_digits + 1  # "abc:17 "
-  return pair * cfg.num_pairs - 1 + len(SEPARATOR) + pair * cfg.num_queries - 1
+  return pair * cfg.num_pairs - 1 + cfg.filler + len(SEPARATOR) + pair * cfg.num_queries - 1
 
 
 def unique_keys(rng: np.random.Generator, n: int, num_pairs: int,
@@ -76,10 +81,10 @@ def unique_keys(rng: np.random.Generator, n: int, num_pairs: int,
     codes[bad] = rng.integers(0, num_keys, size=(len(bad), num_pairs))
 
 
-def make_segments(keys, values, queries) -> list[tuple[str, int]]:
+def make_segments(keys, values, queries, filler: str = "") -> list[tuple[str, int]]:
   """One example as (text, loss flag) segments; values in queries have loss."""
   context = " ".join(f"{k}:{v}" for k, v in zip(keys, values))
-  segments, text = [], context + SEPARATOR
+  segments, text = [], context + filler + SEPARATOR
   for i, q in enumerate(queries):
     text += ("" if i == 0 else " ") + keys[q] + ":"
     segments += [(text, 0), (values[q], 1)]
@@ -97,6 +102,8 @@ def generate(cfg: MqarConfig, split: str):
         f"MqarConfig.key_letters={cfg.key_letters} / value_digits={cfg.value_digits}: "
         "keys take 1-3 letters and values 1-2 digits. Fix: bind values in those ranges."
     )
+  if cfg.filler < 0:
+    raise ConfigError(f"MqarConfig.filler={cfg.filler} is negative. Fix: bind 0 or more bytes.")
   keys, value_text = key_texts(cfg.key_letters), value_texts(cfg.value_digits)
   if not 0 < cfg.num_queries <= cfg.num_pairs <= len(keys) // 2:
     raise ConfigError(
@@ -109,11 +116,13 @@ def generate(cfg: MqarConfig, split: str):
   values = rng.integers(0, len(value_text), size=(n, cfg.num_pairs))
   # Queries: the first num_queries of a random permutation of the pairs.
   queries = np.argsort(rng.random((n, cfg.num_pairs)), axis=1)[:, : cfg.num_queries]
+  # Drawn after everything else, so that filler = 0 leaves the examples as they were.
+  fillers = rng.integers(0, 26, size=(n, cfg.filler)) if cfg.filler else np.zeros((n, 0), int)
   examples = [
       make_segments([keys[c] for c in row_codes], [value_text[v] for v in row_values],
-                    row_queries)
-      for row_codes, row_values, row_queries in zip(
-          codes.tolist(), values.tolist(), queries.tolist())
+                    row_queries, "".join(string.ascii_uppercase[f] for f in row_filler))
+      for row_codes, row_values, row_queries, row_filler in zip(
+          codes.tolist(), values.tolist(), queries.tolist(), fillers.tolist())
   ]
   segments = np.array([[t for t, _ in ex] for ex in examples], dtype=object)
   loss = np.array([[w for _, w in ex] for ex in examples], dtype=np.int32)

@@ -1,3 +1,4 @@
+import dataclasses
 import re
 
 import numpy as np
@@ -122,6 +123,29 @@ def test_mqar_format_lengths_and_answers(key_letters, value_digits):
     queried = [row[i - 1].split(" ")[-1].rstrip(":") for i in range(1, len(row), 2)]
     assert [pairs[k] for k in queried] == list(row[1::2])
     assert list(flags) == [0, 1] * cfg.num_queries
+
+
+def test_mqar_filler_lengthens_the_example_and_leaves_the_recall_as_it_was():
+  plain = mqar.MqarConfig(num_pairs=6, num_queries=6, num_validation=40, key_letters=1,
+                          value_digits=1)
+  padded = dataclasses.replace(plain, filler=30)
+  plain_rows, plain_loss = mqar.generate(plain, "validation")
+  padded_rows, padded_loss = mqar.generate(padded, "validation")
+  assert mqar.example_bytes(padded) == mqar.example_bytes(plain) + 30
+  assert (padded_loss == plain_loss).all()
+  fillers = set()
+  for a, b in zip(plain_rows, padded_rows):
+    context, filler = re.fullmatch(r"([a-z0-9: ]+?)([A-Z]{30}) \| .*", b[0]).groups()
+    assert context + mqar.SEPARATOR + a[0].split(mqar.SEPARATOR)[1] == a[0]
+    assert list(a[1:]) == list(b[1:])  # the same queries and answers
+    assert len("".join(b)) == mqar.example_bytes(padded)
+    fillers.add(filler)
+  assert len(fillers) == len(padded_rows)  # drawn per example
+
+
+def test_mqar_negative_filler_names_the_binding():
+  with pytest.raises(ConfigError, match="MqarConfig.filler"):
+    mqar.generate(mqar.MqarConfig(filler=-1), "train")
 
 
 def test_mqar_too_many_pairs_for_one_letter_keys_names_the_fix():

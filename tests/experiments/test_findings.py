@@ -16,7 +16,7 @@ SMOKE = ["TrainConfig.steps = 1", "TrainConfig.checkpoint_every = 1", "TrainConf
          "TrainConfig.eval_batches = 1", "PplByPosition.documents = 1",
          "PplByPosition.lengths = (64, 128)"]
 # finding -> the cell to run (the one whose variants differ most from the base gin files)
-FINDINGS = {"recall_needs_attention": "model=hybrid_pairs=8",
+FINDINGS = {"recall_needs_attention": "model=hybrid_task=4pairs_65tokens",
             "recall_phonebook": "model=hybrid_entries=4",
             "nope_extrapolation": "model=hybrid_nope_seed=0",
             "bf16_rope": "rope_dtype=bfloat16_attention=anchor",
