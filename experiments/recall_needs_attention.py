@@ -74,9 +74,11 @@ def example_tokens(pairs: int, filler: int = 0) -> int:
                                             value_digits=1, filler=filler))
 
 
-# (pairs, filler bytes): the longer example with the same pairs, then as many more pairs at
-# that length, so that the length and the pairs each change alone once.
-TASKS = {f"{p}pairs_{example_tokens(p, f)}tokens": (p, f) for p, f in ((4, 0), (4, 32), (8, 0))}
+# (pairs, filler bytes): 4 pairs; the same 4 pairs filled out to 8 pairs' length; 8 pairs. The
+# length and the pairs each change alone once.
+FILLER = example_tokens(8) - example_tokens(4)
+TASKS = {f"{p}pairs_{example_tokens(p, f)}tokens": (p, f)
+         for p, f in ((4, 0), (4, FILLER), (8, 0))}
 
 
 def _task(pairs: int, filler: int) -> list[str]:
