@@ -7,7 +7,7 @@ needle grid beyond the training length (the perplexity half is rope_scaling.py).
 
 A RoPE Transformer (3 attention + 3 SwiGLU blocks at d_model 64) trained by the demo's recipe
 (configs/recipes/demo_retrieval.gin: copying, then mostly passkey retrieval) at L = 256 tokens
-per row, then scored on the needle grid (generated, string_match_all) at L, 2L and 4L x 5
+per row, then scored on the needle grid (generated, string_match_all) at L, 2L, 4L and 8L x 5
 depths with each way of handling positions beyond L, zero-shot (`<method>`: EvalConfig.attention)
 and after a short stage at 2L with the method applied (`<method>_ft`), as rope_scaling.py does
 (its methods and its fine-tuning stage, for this L).
@@ -48,7 +48,7 @@ def get_config():
       f"DataConfig.sequence_length = {L}",
       "EvalConfig.suite = ('niah_grid',)",
       # Fixed: the default (1x-4x the last stage's length) would move with the fine-tune.
-      f"NiahGrid.lengths = ({L}, {2 * L}, {4 * L})",
+      f"NiahGrid.lengths = ({L}, {2 * L}, {4 * L}, {8 * L})",
       "DataConfig.eval_tasks = ('lcjax_passkey',)",
   ]
   c.eval = True
@@ -61,7 +61,7 @@ def get_config():
   c.claim = (
       "Expected (PI, YaRN, NTK, ABF papers): trained at 256 tokens, plain RoPE stops finding "
       "the needle beyond 256; a scaled RoPE keeps finding it further even zero-shot, and a "
-      "short fine-tune at 512 with the scaling recovers most of it out to 1024. Scale: 0.34M "
+      "short fine-tune at 512 with the scaling recovers most of it out to 2048. Scale: 0.34M "
       "parameters, the demo's 1100 steps of 8 x 256 tokens, then 200 steps of 4 x 512 for the "
       "fine-tuned cells; 10 needles per length (5 depths x 2); one seed.")
   return c
