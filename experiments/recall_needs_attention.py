@@ -124,6 +124,8 @@ BATCH = 24
 
 
 def get_config():
+  from lcjax.data import mqar
+
   c = ml_collections.ConfigDict()
   c.gin_files = GIN_FILES
   c.bindings = MODEL_BINDINGS + [
@@ -132,7 +134,8 @@ def get_config():
       "MqarConfig.key_letters = 1",
       "MqarConfig.value_digits = 1",
       f"TrainConfig.batch_size = {BATCH}",
-      f"TrainConfig.eval_batches = {-(-256 // BATCH)}",  # every held-out example: one per row
+      # Every held-out example: one per row.
+      f"TrainConfig.eval_batches = {-(-mqar.MqarConfig().num_validation // BATCH)}",
       f"TrainConfig.steps = {STEPS}",
   ]
   c.axes = [("model", MODELS), ("task", {name: _task(*task) for name, task in TASKS.items()})]

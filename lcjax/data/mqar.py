@@ -117,7 +117,7 @@ def generate(cfg: MqarConfig, split: str):
   # Queries: the first num_queries of a random permutation of the pairs.
   queries = np.argsort(rng.random((n, cfg.num_pairs)), axis=1)[:, : cfg.num_queries]
   # Drawn after everything else, so that filler = 0 leaves the examples as they were.
-  fillers = rng.integers(0, 26, size=(n, cfg.filler)) if cfg.filler else np.zeros((n, 0), int)
+  fillers = rng.integers(0, 26, size=(n, cfg.filler))
   examples = [
       make_segments([keys[c] for c in row_codes], [value_text[v] for v in row_values],
                     row_queries, "".join(string.ascii_uppercase[f] for f in row_filler))
