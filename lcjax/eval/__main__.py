@@ -1,7 +1,8 @@
 """lcjax-eval / python -m lcjax.eval --gin_file=F [--gin_bindings=...] --workdir=DIR [--step=N]
     [--suite=niah_grid,ppl_by_position] [--compare=OTHER_RESULTS_DIR ...] [--verbose]
 
-Restores the newest (or the named) checkpoint of DIR, scores the eval tasks teacher-forced
+Restores the newest (or the named) checkpoint of DIR (when DIR has none, of the run that
+TrainConfig.init_from names: a run not yet trained is its starting point), scores the eval tasks teacher-forced
 (what the training loop logs) and runs the probes of the suite (`lcjax.eval.suite`; default
 `EvalConfig.suite`), then writes DIR/eval/<step>/: results.json, one CSV and PNG per probe and
 report.md (`lcjax.eval.report`). --compare draws another run's results (its eval/<step>
@@ -57,6 +58,24 @@ def restore_params(workdir: str, setup, step: int | None, keep: int):
     ckpt.close()
 
 
+def checkpoint_source(workdir: str, init_from: str | None,
+                      step: int | None) -> tuple[str, int | None]:
+  """(the run directory whose checkpoint is evaluated, its step or None for the newest):
+  `workdir` itself, or, when it is a directory with no checkpoints/ and TrainConfig.init_from
+  is set, the run that init_from names (as lcjax.train would start from it)."""
+  from lcjax import paths
+  from lcjax.train import init_from as init_from_lib
+  from lcjax.workdir import CHECKPOINTS
+
+  root = paths.resolve(workdir)
+  if init_from is None or not root.is_dir() or (root / CHECKPOINTS).is_dir():
+    return workdir, step
+  source = init_from_lib.source_workdir(init_from)
+  print(f"{workdir} has no checkpoint of its own: evaluating TrainConfig.init_from = "
+        f"{init_from!r}, writing into {workdir}.")
+  return source, init_from_lib.parse(init_from)[1] if step is None else step
+
+
 def evaluate_checkpoint(workdir: str, step: int | None = None, suite=None,
                         compare=()) -> dict:
   """Evaluates one checkpoint of `workdir` and writes DIR/eval/<step>/ (process 0);
@@ -75,9 +94,10 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, suite=None,
 
   run, eval_cfg = Run.from_gin(), EvalConfig()  # the bindings first, as lcjax.train checks them
   others = [report.load_results(path) for path in compare]
-  existing_workdir(workdir)
+  source, step = checkpoint_source(workdir, run.train.init_from, step)
+  existing_workdir(source)
   setup = build(run)
-  params, step, checkpoint = restore_params(workdir, setup, step, run.train.keep_checkpoints)
+  params, step, checkpoint = restore_params(source, setup, step, run.train.keep_checkpoints)
   if run.train.stages:  # evaluate with the stage that trained it: its length, its RoPE
     run = stages.run_at(run, step)
   if eval_cfg.attention:

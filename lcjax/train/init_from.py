@@ -30,8 +30,8 @@ def initial_state(train_cfg, setup, fresh: dict, config: str) -> dict:
   `config` is this run's operative gin text. ConfigError (cause and fix) when the checkpoint
   is missing or does not fit."""
   spec, mode = train_cfg.init_from, train_cfg.init_mode
-  path, step = parse(spec)
-  ckpt = Checkpointer(_workdir(path, spec), every=1, keep=1, create=False)
+  step = parse(spec)[1]
+  ckpt = Checkpointer(source_workdir(spec), every=1, keep=1, create=False)
   try:
     steps = ckpt.all_steps()
     step = steps[-1] if step is None and steps else step
@@ -53,9 +53,10 @@ def initial_state(train_cfg, setup, fresh: dict, config: str) -> dict:
   return state
 
 
-def _workdir(path: str, spec: str) -> str:
-  """The other run's workdir (local or remote), given it or its checkpoints/ directory."""
-  root = paths.resolve(path)
+def source_workdir(spec: str) -> str:
+  """The workdir (local or remote) that `spec` ("DIR[:STEP]") names, by it or by its
+  checkpoints/ directory; a ConfigError when it holds no checkpoints/."""
+  root = paths.resolve(parse(spec)[0])
   if root.name == CHECKPOINTS and root.is_dir():
     return str(root.parent)
   if (root / CHECKPOINTS).is_dir():

@@ -144,3 +144,21 @@ def test_parse():
   assert init_from.parse("/runs/a") == ("/runs/a", None)
   assert init_from.parse("/runs/a:120") == ("/runs/a", 120)
   assert init_from.parse("gs://b/a") == ("gs://b/a", None)
+
+
+def test_eval_of_a_run_not_yet_trained_evaluates_its_init_from_into_its_own_directory(
+    source, tmp_path, clean_gin, capsys):
+  from lcjax.eval.__main__ import evaluate_checkpoint
+
+  parse_gin([DEMO_GIN], EXTENDED + [f"TrainConfig.init_from = '{source}'",
+                                    "EvalConfig.suite = ()"])
+  results = evaluate_checkpoint(str(tmp_path))
+  assert "has no checkpoint of its own: evaluating TrainConfig.init_from" in (
+      capsys.readouterr().out)
+  assert results["step"] == 2 and results["checkpoint"] == f"{source}/checkpoints/2"
+  assert (tmp_path / "eval" / "2" / "results.json").exists()
+  assert not (source / "eval").exists()  # the source run is only read
+  # Its own checkpoint, once it has one, takes precedence (as for lcjax.train).
+  (tmp_path / "checkpoints").mkdir()
+  with pytest.raises(Exception, match="available steps: \\[\\]"):
+    evaluate_checkpoint(str(tmp_path))
