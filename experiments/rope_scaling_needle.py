@@ -5,12 +5,14 @@ needle grid beyond the training length (the perplexity half is rope_scaling.py).
         --root=runs/rope_scaling_needle --parallel=2 \
         --report=experiments/results/rope_scaling_needle
 
-A RoPE Transformer (3 attention + 3 SwiGLU blocks at d_model 64) trained by the demo's recipe
-(configs/recipes/demo_retrieval.gin: copying, then mostly passkey retrieval) at L = 256 tokens
-per row, then scored on the needle grid (generated, string_match_all) at L, 2L, 4L and 8L x 5
-depths with each way of handling positions beyond L, zero-shot (`<method>`: EvalConfig.attention)
-and after a short stage at 2L with the method applied (`<method>_ft`), as rope_scaling.py does
-(its methods and its fine-tuning stage, for this L).
+A RoPE Transformer (3 attention + 3 SwiGLU blocks at d_model 64) trained once, the grid's base,
+by the demo's recipe (configs/recipes/demo_retrieval.gin: copying, then mostly passkey
+retrieval) at L = 256 tokens per row, then scored on the needle grid (generated,
+string_match_all) at L, 2L, 4L and 8L x 5 depths with each way of handling positions beyond L:
+zero-shot (`<method>`: the base evaluated with EvalConfig.attention), and after a short
+fine-tune of the base at 2L with the method applied (`<method>_ft`: its optimizer state
+carried over, as if the recipe had a third stage), with rope_scaling.py's methods and its
+fine-tuning stage for this L.
 """
 import os
 
@@ -19,7 +21,6 @@ import ml_collections
 from lcjax.sweep import grid as grids
 
 L = 256
-BASE_STEPS = 1100  # the recipe's two stages
 
 
 def _rope_scaling_grid():
@@ -33,8 +34,9 @@ def get_config():
 
   def fine_tuned(attention):
     return [
-        "TrainConfig.stages = [@copying/Stage(), @retrieval/Stage(), @long/Stage()]",
-        f"TrainConfig.steps = {BASE_STEPS + rope.TUNE_STEPS}",
+        "TrainConfig.stages = [@long/Stage()]",
+        f"TrainConfig.steps = {rope.TUNE_STEPS}",
+        "TrainConfig.init_mode = 'params_and_optimizer'",
         "long/Stage.train_mixture = 'demo_retrieval'",
         "long/Stage.data = {'loss_normalization': 'documents'}",
         *rope.long_stage(attention, L, 8),
@@ -51,6 +53,7 @@ def get_config():
       f"NiahGrid.lengths = ({L}, {2 * L}, {4 * L}, {8 * L})",
       "DataConfig.eval_tasks = ('lcjax_passkey',)",
   ]
+  c.base = []  # the recipe, as the bindings above configure it
   c.eval = True
   c.axes = [("method", {
       **{name: [f"EvalConfig.attention = {a!r}"] for name, a in rope.methods(L).items()},

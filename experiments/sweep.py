@@ -9,7 +9,8 @@
 
 GRID is a Python file with get_config() (lcjax/sweep/grid.py documents it; e.g.
 experiments/lr_x_pattern.py). Each cell trains in DIR/<cell> (then is evaluated when the grid
-has `eval`), its output in DIR/<cell>/sweep.log; up to N at once, each pinned to its share of
+has `eval`), its output in DIR/<cell>/sweep.log (a grid's `base` trains first, in DIR/base,
+and every cell starts from it); up to N at once, each pinned to its share of
 the host's cores, GPUs or TPU chips. Every cell is validated before any starts. A failed cell
 does not stop the others; running again skips done cells and resumes the rest. With --slurm,
 the cells become a SLURM job array instead (ROOT on a file system every node sees, or gs://). `report` writes
@@ -40,7 +41,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
       s.add_argument("--report", metavar="OUT",
                      help="then write the report into OUT (e.g. experiments/results/NAME)")
       which = s.add_mutually_exclusive_group()
-      which.add_argument("--cell", help="run only the cell of this name")
+      which.add_argument("--cell", help="run only the cell of this name (base: the grid's base)")
       which.add_argument("--cell_index", type=int, help="run only cell I (a job array's task)")
       s.add_argument("--backend", choices=("cpu", "gpu", "tpu"),
                      help="how to split the host (default: detected)")

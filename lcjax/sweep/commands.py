@@ -17,8 +17,11 @@ from lcjax.sweep import placement, report, runner, status
 
 
 def _cells(grid_path: str, cell: str | None = None, index: int | None = None):
+  """(grid, its cells, the chosen ones: none when `cell` is the base)."""
   grid = grids.load_grid(grid_path)
   cells = grids.expand(grid)
+  if cell == grids.BASE and grids.base_cell(grid) is not None:
+    return grid, cells, []
   return grid, cells, grids.select(cells, cell, index)
 
 
@@ -36,29 +39,52 @@ def detect_backend() -> str:
 def run(grid_path: str, root: str, parallel: int = 1, dry_run: bool = False,
         cell: str | None = None, cell_index: int | None = None, backend: str | None = None,
         say=print) -> dict:
-  """Validates every cell, then runs the chosen ones not yet done; {name: state}."""
+  """Validates every cell, then runs the chosen ones not yet done (after the grid's base,
+  when it has one and it is not done); {name: state}."""
   grid, cells, chosen = _cells(grid_path, cell, cell_index)
   steps = grids.validate(grid, cells, runner.REPO)
+  base = grids.base_cell(grid)
   if dry_run:
-    for c in chosen:
-      for cmd in runner.commands(grid, c, root):
+    for c in ([base] if base else []) + chosen:
+      for cmd in runner.commands(grid, c, root, trains=steps[c.name] > 0):
         say(shlex.join(cmd))
     return {}
   backend = backend or detect_backend()
   devices = placement.host_devices(backend)
-  start, skipped = runner.to_run(root, chosen, explicit=cell is not None or cell_index is not None)
-  # Fewer cells than slots (a job array's one cell) share the host between them.
-  parallel = max(1, min(parallel, len(start)))
-  slots = [placement.placement(backend, devices, parallel, s, os.environ.get("XLA_FLAGS", ""))
-           for s in range(parallel)]
+  explicit = cell is not None or cell_index is not None
+  start, skipped = runner.to_run(root, chosen, explicit)
+  slots = lambda n: [placement.placement(backend, devices, n, s,  # noqa: E731
+                                         os.environ.get("XLA_FLAGS", "")) for s in range(n)]
   for name, state in skipped.items():
     say(f"skip   {name} ({state})")
+  states = {}
   with runner.passing_on_sigterm():
-    states = runner.run_cells(grid, start, root, steps, slots, say=say)
+    if base is not None and (start or cell == grids.BASE):
+      states = _run_base(grid, base, root, steps, slots(1), say)
+    if states.get(grids.BASE, "done") == "done":
+      # Fewer cells than slots (a job array's one cell) share the host between them.
+      states.update(runner.run_cells(grid, start, root, steps,
+                                     slots(max(1, min(parallel, len(start)))), say=say))
+    else:
+      say("no cell started: every cell starts from the base")
   failed = [n for n, s in states.items() if s != "done"]
   say(f"{len(states) - len(failed)} done, {len(failed)} failed, {len(skipped)} skipped"
       + (f"; failed: {', '.join(failed)} (`status` shows why; rerun to retry)" if failed else ""))
   return {**skipped, **states}
+
+
+def _run_base(grid, base, root, steps: dict, whole_host: list, say) -> dict:
+  """{BASE: state} once the base is trained (on the whole host), or was already."""
+  state, record = status.state_of(root, base.name)
+  if state == "running":
+    raise ConfigError(
+        f"The grid's base run ({status.cell_dir(root, base.name)}) is training (process "
+        f"{record.get('pid')} on {record.get('host')}), and every cell starts from it: rerun "
+        "once it is done.")
+  if state == "done":
+    say(f"skip   {base.name} (done)")
+    return {}
+  return runner.run_cells(grid, [base], root, steps, whole_host, say=say)
 
 
 def slurm_array(grid_path: str, root: str, settings, out: str | None = None,
@@ -70,6 +96,12 @@ def slurm_array(grid_path: str, root: str, settings, out: str | None = None,
   prints the script. Returns sbatch's exit status (0 when not submitting)."""
   grid, cells, _ = _cells(grid_path)
   grids.validate(grid, cells, runner.REPO)
+  if grids.base_cell(grid) is not None and status.state_of(root, grids.BASE)[0] != "done":
+    raise ConfigError(
+        f"Every cell of {grid_path} starts from its base run, not yet trained in {root} (the "
+        "array's tasks would each train it at once): train it first with `python "
+        f"experiments/sweep.py run {grid_path} --root={root} --cell={grids.BASE}` (e.g. in one "
+        "SLURM job), then write the array.")
   settings = dataclasses.replace(settings, nodes=1, tasks_per_node=1)
   command = runner.cell_command(grid_path, root, slurm.ARRAY_TASK_ID, python)
   script = slurm.sbatch_script(command, settings, array_size=len(cells))
@@ -87,9 +119,10 @@ def slurm_array(grid_path: str, root: str, settings, out: str | None = None,
 
 def status_rows(grid_path: str, root: str) -> list[dict]:
   """One row per cell: name, state, step / steps, seconds, exit code, error."""
-  _, cells, _ = _cells(grid_path)
+  grid, cells, _ = _cells(grid_path)
+  base = grids.base_cell(grid)
   rows = []
-  for c in cells:
+  for c in ([base] if base else []) + cells:
     state, record = status.state_of(root, c.name)
     error = record.get("error") or ""
     if state == "failed" and not error:

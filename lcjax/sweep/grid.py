@@ -9,6 +9,11 @@ A grid is a Python file whose `get_config()` returns an ml_collections ConfigDic
              several bindings is (name, {label: [bindings]}), e.g. ("model", {"hybrid":
              ["ModelConfig.pattern = 'M*M-'", ...], "transformer": [...]}).
   eval:      optional, True or a list of probes: `python -m lcjax.eval` on each trained cell.
+  base:      optional, bindings (after the grid's) of one run that every cell starts from,
+             trained first in ROOT/base. A cell whose run (lcjax.run.Run: model, data,
+             training) is the base's trains nothing: it evaluates the base's checkpoint its own
+             way (e.g. EvalConfig.attention). Any other cell trains from the base's checkpoint
+             (TrainConfig.init_from): its own steps and stages are what follows the base.
   claim:     optional, the claim the grid tests and the direction expected, for report.md.
   metric:    optional, the metric the report plots against each axis (default "loss").
   figures:   optional, [(column pattern, x label)]: a figure per pattern, whose one "*" stands
@@ -28,6 +33,7 @@ from collections.abc import Mapping
 from lcjax.errors import ConfigError
 
 SEED = "seed"
+BASE = "base"  # the base run's name and directory in ROOT
 SEED_BINDINGS = ("TrainConfig.seed", "DataConfig.seed")
 
 
@@ -100,10 +106,20 @@ def expand(grid) -> list[Cell]:
       raise ConfigError(
           f"Grid cells {seen[name]} and {i} are both named {name!r} (one work directory): "
           "make the axis values differ in letters, digits or '.=-_'.")
+    if name == BASE and base_cell(grid) is not None:
+      raise ConfigError(f"Grid cell {i} is named {BASE!r}, the directory of the grid's base "
+                        "run: give its axis value another name.")
     seen[name] = i
     extra = [b for (n, axis), v in zip(grid.axes, values) for b in _bindings(n, axis, v)]
     cells.append(Cell(i, name, dict(zip(names, values)), tuple(grid.bindings) + tuple(extra)))
   return cells
+
+
+def base_cell(grid) -> Cell | None:
+  """The grid's base run as a cell (named BASE, index -1), or None when it has none."""
+  if grid.get("base", None) is None:
+    return None
+  return Cell(-1, BASE, {}, tuple(grid.bindings) + tuple(grid.base))
 
 
 def select(cells: list[Cell], name: str | None = None, index: int | None = None) -> list[Cell]:
@@ -140,9 +156,22 @@ def cell_run(grid, cell: Cell, repo: str):
 
 
 def validate(grid, cells: list[Cell], repo: str) -> dict[str, int]:
-  """{cell name: TrainConfig.steps}, once every cell's gin parses and builds a valid Run;
-  else a ConfigError naming the first cell that does not and the cause."""
-  return {cell.name: cell_run(grid, cell, repo).train.steps for cell in cells}
+  """{cell name: the steps it trains} (the base's under BASE, 0 for a cell that only evaluates
+  the base), once every cell's gin parses and builds a valid Run; else a ConfigError naming
+  the first cell that does not and the cause."""
+  base = base_cell(grid)
+  if base is None:
+    return {cell.name: cell_run(grid, cell, repo).train.steps for cell in cells}
+  base_run = cell_run(grid, base, repo)
+  steps = {BASE: base_run.train.steps}
+  for cell in cells:
+    run = cell_run(grid, cell, repo)
+    steps[cell.name] = 0 if run == base_run else run.train.steps
+    if not steps[cell.name] and not grid.get("eval", None):
+      raise ConfigError(f"Grid cell {cell.index} ({cell.name}) is the base run itself and the "
+                        "grid has no `eval`: it would do nothing. Set c.eval, or change the "
+                        "cell's training.")
+  return steps
 
 
 def _first_line(e: Exception) -> str:

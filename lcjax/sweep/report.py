@@ -16,7 +16,7 @@ import numpy as np
 from etils import epath
 
 from lcjax.sweep import runner, status
-from lcjax.sweep.grid import SEED, Cell, axis_names, cell_run, short
+from lcjax.sweep.grid import BASE, SEED, Cell, axis_names, base_cell, cell_run, short, validate
 from lcjax.train.metrics import read_metrics
 
 FIRST = ("cell", "state", "step", "parameters")
@@ -51,15 +51,26 @@ def _eval_results(workdir: epath.Path) -> dict:
 
 def collect(grid, cells: list[Cell], root) -> tuple[list[dict], dict]:
   """(rows, {cell name: [(step, loss)]}): one row per cell, in grid order; "parameters" is
-  the cell's model size, counted from its config."""
+  the cell's model size, counted from its config. In a grid with a base, "step" counts the
+  base's steps too, a cell that only evaluates the base shows the base's training metrics, and
+  the others' curves continue the base's."""
   from lcjax.models.report import counted_params
 
-  rows, curves = [], {}
+  rows, curves, base_steps = [], {}, 0
+  steps = validate(grid, cells, runner.REPO) if base_cell(grid) is not None else {}
+  if steps:
+    base_final, curves[BASE] = _final_metrics(status.cell_dir(root, BASE))
+    base_steps = status.last_step(status.cell_dir(root, BASE))
   for cell in cells:
     workdir = status.cell_dir(root, cell.name)
     state, record = status.state_of(root, cell.name)
-    final, curves[cell.name] = _final_metrics(workdir)
-    row = {"cell": cell.name, "state": state, "step": status.last_step(workdir),
+    if steps.get(cell.name) == 0:  # the base, evaluated its own way
+      final, step = base_final, base_steps
+    else:
+      final, curve = _final_metrics(workdir)
+      curves[cell.name] = [(s + base_steps, loss) for s, loss in curve]
+      step = base_steps + status.last_step(workdir)
+    row = {"cell": cell.name, "state": state, "step": step,
            **{short(n): cell.values[n] for n in axis_names(grid)},
            "parameters": counted_params(cell_run(grid, cell, runner.REPO).model)}
     row.update({k: v for k, v in final.items() if isinstance(v, (int, float))})

@@ -1,7 +1,9 @@
 """The commands of a sweep's cells and the processes that run them.
 
 A cell is `python -m lcjax.train` in ROOT/CELL (then `python -m lcjax.eval` when the grid has
-`eval`), its output appended to ROOT/CELL/sweep.log. Up to `parallel` cells run at once, each
+`eval`), its output appended to ROOT/CELL/sweep.log. In a grid with a base, the base trains
+first in ROOT/base (not evaluated), every cell starts from it (TrainConfig.init_from), and a
+cell of 0 steps is only evaluated. Up to `parallel` cells run at once, each
 in a slot with its share of the host (lcjax.sweep.placement). A failed cell does not stop the
 others; a rerun skips done and running cells and resumes the rest (lcjax.train resumes from
 the checkpoints). Done means trained to TrainConfig.steps: lcjax.train also exits 0 when
@@ -21,7 +23,7 @@ import time
 
 from lcjax import paths
 from lcjax.sweep import status
-from lcjax.sweep.grid import Cell
+from lcjax.sweep.grid import BASE, Cell, base_cell
 from lcjax.sweep.placement import Placement
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,9 +36,12 @@ def cell_command(grid_path: str, root: str, index, python: str = sys.executable)
   return [python, SCRIPT, "run", grid_path, f"--root={root}", f"--cell_index={index}"]
 
 
-def _gin_flags(grid, cell: Cell) -> list[str]:
+def _gin_flags(grid, cell: Cell, root) -> list[str]:
+  starts_from = []
+  if cell.name != BASE and base_cell(grid) is not None:
+    starts_from = [f"TrainConfig.init_from = {workdir(root, base_cell(grid))!r}"]
   return ([f"--gin_file={f}" for f in grid.gin_files]
-          + [f"--gin_bindings={b}" for b in cell.bindings])
+          + [f"--gin_bindings={b}" for b in (*cell.bindings, *starts_from)])
 
 
 def workdir(root, cell: Cell) -> str:
@@ -44,20 +49,24 @@ def workdir(root, cell: Cell) -> str:
 
 
 def train_command(grid, cell: Cell, root, python: str = sys.executable) -> list[str]:
-  return [python, "-m", "lcjax.train", f"--workdir={workdir(root, cell)}", *_gin_flags(grid, cell)]
+  return [python, "-m", "lcjax.train", f"--workdir={workdir(root, cell)}",
+          *_gin_flags(grid, cell, root)]
 
 
 def eval_command(grid, cell: Cell, root, python: str = sys.executable) -> list[str] | None:
-  """The eval command of a cell, or None when the grid has no `eval`."""
+  """The eval command of a cell, or None when the grid has no `eval` (or for the base)."""
   probes = grid.get("eval", None)
-  if not probes:
+  if not probes or cell.name == BASE:
     return None
-  cmd = [python, "-m", "lcjax.eval", f"--workdir={workdir(root, cell)}", *_gin_flags(grid, cell)]
+  cmd = [python, "-m", "lcjax.eval", f"--workdir={workdir(root, cell)}",
+         *_gin_flags(grid, cell, root)]
   return cmd if probes is True else cmd + [f"--suite={','.join(probes)}"]
 
 
-def commands(grid, cell: Cell, root, python: str = sys.executable) -> list[list[str]]:
-  return [c for c in (train_command(grid, cell, root, python),
+def commands(grid, cell: Cell, root, python: str = sys.executable,
+             trains: bool = True) -> list[list[str]]:
+  """Train (unless not `trains`: a cell that only evaluates the base), then evaluate."""
+  return [c for c in (train_command(grid, cell, root, python) if trains else None,
                       eval_command(grid, cell, root, python)) if c]
 
 
@@ -126,15 +135,16 @@ def passing_on_sigterm():
 
 
 def run_cell(grid, cell: Cell, root, steps: int, where: Placement,
-             python: str = sys.executable) -> str:
-  """Trains (and evaluates) one cell in its slot; returns and records its final state."""
+             python: str = sys.executable, evaluated_step: int | None = None) -> str:
+  """Trains `steps` (and evaluates) one cell in its slot; returns and records its final state.
+  A cell of 0 steps only evaluates the base, done once `evaluated_step` (the base's) is."""
   started = time.time()
   base = {"cell": cell.name, "index": cell.index, "steps": steps, "started": started,
           "devices": list(where.devices)}
   status.cell_dir(root, cell.name).mkdir(parents=True, exist_ok=True)
   code = 0
   with _log(root, cell.name) as log:
-    for cmd in commands(grid, cell, root, python):
+    for cmd in commands(grid, cell, root, python, trains=steps > 0):
       if _STOPPING.is_set():  # e.g. the evaluation of a cell whose training just ended
         break
       proc = _start(cmd, where, log)
@@ -144,15 +154,15 @@ def run_cell(grid, cell: Cell, root, steps: int, where: Placement,
       if code != 0 or status.last_step(workdir(root, cell)) < steps:
         break
   step = status.last_step(workdir(root, cell))
-  done = code == 0 and step >= steps and (not grid.get("eval", None) or
-                                          evaluated(root, cell, steps))
+  evaluates, eval_step = grid.get("eval", None) and cell.name != BASE, steps or evaluated_step
+  done = code == 0 and step >= steps and (not evaluates or evaluated(root, cell, eval_step))
   error = None
   if code:
     error = status.last_error_line(status.read_log(root, cell.name))
   elif step < steps:
     error = f"stopped at step {step} of {steps} (preempted?): rerun the sweep to resume"
   elif not done:
-    error = f"lcjax.eval wrote no eval/{steps}/results.json: see {status.LOG}"
+    error = f"lcjax.eval wrote no eval/{eval_step}/results.json: see {status.LOG}"
   status.write_status(root, cell.name, state="done" if done else "failed", exit_code=code,
                       step=step, finished=time.time(), error=error, **base)
   return "done" if done else "failed"
@@ -174,7 +184,8 @@ def to_run(root, cells: list[Cell], explicit: bool = False) -> tuple[list[Cell],
 
 def run_cells(grid, cells: list[Cell], root, steps: dict, placements: list[Placement],
               python: str = sys.executable, say=print) -> dict:
-  """Runs `cells`, len(placements) at once (one slot each); {name: final state}."""
+  """Runs `cells`, len(placements) at once (one slot each); {name: final state}. `steps`:
+  grid.validate's."""
   todo: queue.Queue = queue.Queue()
   for cell in cells:
     todo.put(cell)
@@ -188,7 +199,7 @@ def run_cells(grid, cells: list[Cell], root, steps: dict, placements: list[Place
         return
       say(f"[{time.strftime('%H:%M:%S')}] start {cell.name} (devices {list(where.devices)})")
       try:
-        state = run_cell(grid, cell, root, steps[cell.name], where, python)
+        state = run_cell(grid, cell, root, steps[cell.name], where, python, steps.get(BASE))
       except Exception as e:  # a cell's failure (even the runner's) must not stop the others
         status.write_status(root, cell.name, state="failed", error=f"sweep runner: {e}")
         state = "failed"

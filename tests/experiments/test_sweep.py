@@ -48,7 +48,10 @@ def test_grid_cells_are_valid_runs(path):
     expected *= len(values)
   assert len(cells) == expected == len({c.name for c in cells})
   steps = grids.validate(grid, cells, REPO)
-  assert set(steps) == {c.name for c in cells} and all(s > 0 for s in steps.values())
+  base = grids.base_cell(grid)
+  assert set(steps) == {c.name for c in cells} | ({grids.BASE} if base else set())
+  # 0 steps: a cell that only evaluates the grid's base.
+  assert all(s > 0 or (base and name != grids.BASE) for name, s in steps.items())
 
 
 def test_cell_values_reach_the_configs():
@@ -157,6 +160,54 @@ def test_readme_run_commands_parse_and_dry_run(tmp_path, monkeypatch):
       commands.run(args.grid, str(tmp_path), args.parallel, True, args.cell, args.cell_index,
                    say=printed.append)
       assert printed and all("lcjax." in p for p in printed)
+
+
+BASE_GRID = dict(
+    axes=[("method", {"zero_shot": ["EvalConfig.attention = {'rope_theta': 1e6}"],
+                      "tuned": ["TrainConfig.steps = 1", "AttentionConfig.rope_theta = 1e6"]})],
+    bindings=["TrainConfig.steps = 2"], extra="  c.base = ['OptimConfig.warmup_steps = 1']\n  c.eval = True\n")
+# The zero-shot cell's run is the base's only when it binds what the base's own bindings do.
+BASE_GRID["axes"][0][1]["zero_shot"].append("OptimConfig.warmup_steps = 1")
+
+
+def test_a_grid_with_a_base_trains_it_first_and_starts_every_cell_from_it(tmp_path):
+  grid = grids.load_grid(write_grid(tmp_path, **BASE_GRID))
+  cells = grids.expand(grid)
+  base = grids.base_cell(grid)
+  assert base.name == grids.BASE and base.bindings == ("TrainConfig.steps = 2",
+                                                       "OptimConfig.warmup_steps = 1")
+  # A cell whose run is the base's (only its evaluation differs) trains 0 steps.
+  assert grids.validate(grid, cells, REPO) == {"base": 2, "method=zero_shot": 0,
+                                               "method=tuned": 1}
+  printed = []
+  commands.run(str(tmp_path / "grid.py"), str(tmp_path / "root"), dry_run=True,
+               say=printed.append)
+  lines = [shlex.split(line) for line in printed]
+  assert [line[2:4] for line in lines] == [
+      ["lcjax.train", f"--workdir={tmp_path}/root/base"],
+      ["lcjax.eval", f"--workdir={tmp_path}/root/method=zero_shot"],
+      ["lcjax.train", f"--workdir={tmp_path}/root/method=tuned"],
+      ["lcjax.eval", f"--workdir={tmp_path}/root/method=tuned"]]
+  starts_from = f"--gin_bindings=TrainConfig.init_from = '{tmp_path}/root/base'"
+  assert [starts_from in line for line in lines] == [False, True, True, True]
+  assert "--gin_bindings=OptimConfig.warmup_steps = 1" in lines[0]
+
+
+def test_a_grid_with_a_base_names_no_cell_base_and_its_array_waits_for_the_base(tmp_path):
+  named_base = dict(BASE_GRID, axes=[])  # the one cell of a grid without axes is "base"
+  with pytest.raises(ConfigError, match="named 'base', the directory of the grid's base run"):
+    grids.expand(grids.load_grid(write_grid(tmp_path, **named_base)))
+  path, root = write_grid(tmp_path, **BASE_GRID), str(tmp_path / "root")
+  settings = SlurmSettings(job_name="b")
+  with pytest.raises(ConfigError, match=re.escape(
+      f"train it first with `python experiments/sweep.py run {path} --root={root} "
+      "--cell=base`")):
+    commands.slurm_array(path, root, settings, dry_run=True, say=lambda _: None)
+  status.write_status(root, grids.BASE, state="done", exit_code=0)
+  assert commands.slurm_array(path, root, settings, dry_run=True, say=lambda _: None) == 0
+  status.write_status(root, grids.BASE, state="running", pid=1, host="other-node")
+  with pytest.raises(ConfigError, match="base run .* is training .* rerun once it is done"):
+    commands.run(path, root, backend="cpu", say=lambda _: None)
 
 
 def _cli():

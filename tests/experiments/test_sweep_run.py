@@ -2,6 +2,7 @@
 and a live tiny sweep (one cell diverges) that resumes, reports its status and its results."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 from lcjax.sweep import commands, runner, status
 from lcjax.sweep import grid as grids
 from lcjax.sweep.placement import placement
-from tests.train.runs import TINY
+from tests.train.runs import TINY, read_jsonl
 
 QUIET = dict(say=lambda _: None)
 
@@ -100,3 +101,50 @@ def test_live_sweep_fails_one_cell_resumes_and_reports(tmp_path):
   assert report.count(f"| {good} | 0.001 | done | 3 |") == 1
   for png in written[2:]:
     assert open(png, "rb").read(4) == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_live_sweep_with_a_base_trains_it_once_and_starts_every_cell_from_it(tmp_path):
+  bindings = TINY + ["AttentionConfig.position_encoding = 'rope'",
+                     "TrainConfig.steps = 2", "TrainConfig.checkpoint_every = 2",
+                     "TrainConfig.eval_every = 2", "EvalConfig.suite = ()"]
+  path = tmp_path / "grid.py"
+  path.write_text(
+      "import ml_collections\n\n\ndef get_config():\n  c = ml_collections.ConfigDict()\n"
+      f"  c.gin_files = ['configs/demo.gin']\n  c.bindings = {bindings!r}\n  c.base = []\n"
+      "  c.axes = [('method', {'zero_shot': ['EvalConfig.attention = {\"rope_theta\": 1e6}'],\n"
+      "                        'tuned': ['TrainConfig.steps = 1',\n"
+      "                                  'AttentionConfig.rope_theta = 1e6']})]\n"
+      "  c.eval = True\n  return c\n")
+  grid, root = str(path), tmp_path / "sweep"
+  said = []
+  states = commands.run(grid, str(root), parallel=2, backend="cpu", say=said.append)
+  assert states == {"base": "done", "method=zero_shot": "done", "method=tuned": "done"}, said
+  assert not (root / "base" / "eval").exists()  # the base is trained, not evaluated
+  # The zero-shot cell trained nothing: it evaluated the base's checkpoint its own way.
+  zero_shot = root / "method=zero_shot"
+  assert not (zero_shot / "checkpoints").exists()
+  results = json.loads((zero_shot / "eval" / "2" / "results.json").read_text())
+  assert results["checkpoint"] == f"{root}/base/checkpoints/2"
+  assert results["attention_overrides"] == {"rope_theta": 1e6}
+  # The tuned cell trained its own step from the base's parameters.
+  log = (root / "method=tuned" / status.LOG).read_text()
+  assert f"Initialised from {root}/base/checkpoints/2 (params)" in log
+  assert (root / "method=tuned" / "eval" / "1" / "results.json").exists()
+
+  rows = {r["cell"]: r for r in commands.status_rows(grid, str(root))}
+  assert rows["base"]["state"] == "done" and rows["base"]["step"] == 2
+
+  said = []  # a rerun has nothing to do, the base included
+  commands.run(grid, str(root), parallel=2, backend="cpu", say=said.append)
+  assert "skip   method=zero_shot (done)" in said and not any("start" in s for s in said)
+
+  out = tmp_path / "report"
+  commands.make_report(grid, str(root), out=str(out))
+  with open(out / "results.csv") as f:
+    table = {r["cell"]: r for r in csv.DictReader(f)}
+  base_loss = [r["loss"] for r in read_jsonl(root / "base" / "metrics.jsonl") if "loss" in r]
+  # The zero-shot row shows the base's training; the tuned row counts the base's steps too.
+  assert table["method=zero_shot"]["step"] == "2"
+  assert float(table["method=zero_shot"]["loss"]) == pytest.approx(base_loss[-1], rel=1e-3)
+  assert table["method=tuned"]["step"] == "3"
