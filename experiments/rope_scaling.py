@@ -4,16 +4,15 @@ NTK; YaRN, Peng et al. 2023; ABF, Xiong et al. 2023 and Code Llama).
     python experiments/sweep.py run experiments/rope_scaling.py \
         --root=runs/rope_scaling --parallel=2 --report=experiments/results/rope_scaling
 
-The tiny RoPE Transformer trains on the plays at L = 128 tokens per row, then is scored by loss
-over held-out plays at L, 2L, 4L and 8L (`ppl_by_position`) with each way of handling positions
-beyond L:
-  zero-shot (`<method>`): the model trained at L, evaluated with the method applied to its RoPE
+The tiny RoPE Transformer trains once (the grid's base) on the plays at L = 128 tokens per row,
+then is scored by loss over held-out plays at L, 2L, 4L and 8L (`ppl_by_position`) with each way
+of handling positions beyond L:
+  zero-shot (`<method>`): the base, evaluated with the method applied to its RoPE
     (`EvalConfig.attention`): nothing else changes;
-  fine-tuned (`<method>_ft`): the same L-token training, then a short stage at 2L with the
-    method applied (`TrainConfig.stages`), evaluated as it was fine-tuned.
+  fine-tuned (`<method>_ft`): the base trained on for a short stage at 2L with the method
+    applied (its optimizer state carried over), evaluated as it was fine-tuned.
 Methods: none (plain RoPE), pi (linear interpolation, factor 4), ntk (dynamic NTK, factor 4),
-yarn (factor 4), abf (base 1e4 -> 1e6). Every cell trains the same base (same seeds, same
-schedule), so zero-shot cells differ only in how they are evaluated.
+yarn (factor 4), abf (base 1e4 -> 1e6).
 The needle grid is rope_scaling_needle.py's (a model trained to retrieve, by the demo's recipe).
 """
 
@@ -38,10 +37,14 @@ def methods(train_length: int) -> dict[str, dict]:
   }
 
 
-def long_stage(attention: dict, train_length: int, batch_size: int) -> list[str]:
-  """The `long` stage of a fine-tuned cell: TUNE_STEPS at twice the training length with the
-  method applied, as many tokens per step as before."""
+def fine_tuned(attention: dict, train_length: int, batch_size: int) -> list[str]:
+  """A fine-tuned cell's bindings: the base (TrainConfig.init_from, moments included), then
+  TUNE_STEPS at twice the training length with the method applied, as many tokens per step as
+  the base's `batch_size` rows."""
   return [
+      "TrainConfig.stages = [@long/Stage()]",
+      f"TrainConfig.steps = {TUNE_STEPS}",
+      "TrainConfig.init_mode = 'params_and_optimizer'",
       f"long/Stage.steps = {TUNE_STEPS}",
       f"long/Stage.sequence_length = {2 * train_length}",
       f"long/Stage.batch_size = {batch_size // 2}",
@@ -51,25 +54,13 @@ def long_stage(attention: dict, train_length: int, batch_size: int) -> list[str]
   ]
 
 
-def _zero_shot(attention: dict) -> list[str]:
-  return [f"TrainConfig.steps = {BASE_STEPS}", f"EvalConfig.attention = {attention!r}"]
-
-
-def _fine_tuned(attention: dict) -> list[str]:
-  return [
-      "TrainConfig.stages = [@base/Stage(), @long/Stage()]",
-      f"TrainConfig.steps = {BASE_STEPS + TUNE_STEPS}",
-      f"base/Stage.steps = {BASE_STEPS}",
-      *long_stage(attention, L, 8),
-  ]
-
-
 def get_config():
   c = ml_collections.ConfigDict()
   c.gin_files = ["configs/demo.gin", "configs/data/shakespeare.gin",
                  "configs/models/transformer_tiny.gin"]
   c.bindings = [
       f"DataConfig.sequence_length = {L}",
+      f"TrainConfig.steps = {BASE_STEPS}",
       "TrainConfig.batch_size = 8",
       "TrainConfig.log_every = 50",
       "TrainConfig.checkpoint_every = 200",
@@ -78,10 +69,11 @@ def get_config():
       f"PplByPosition.lengths = ({L}, {2 * L}, {4 * L}, {8 * L})",
       "PplByPosition.documents = 4",
   ]
+  c.base = []  # the bindings above
   c.eval = True
   c.axes = [("method", {
-      **{name: _zero_shot(attention) for name, attention in methods(L).items()},
-      **{f"{name}_ft": _fine_tuned(attention) for name, attention in methods(L).items()},
+      **{name: [f"EvalConfig.attention = {a!r}"] for name, a in methods(L).items()},
+      **{f"{name}_ft": fine_tuned(a, L, 8) for name, a in methods(L).items()},
   })]
   c.metric = "suite/ppl_by_position/length=1024"
   c.figures = [("suite/ppl_by_position/length=*", "evaluation length")]

@@ -33,14 +33,9 @@ def get_config():
   rope = _rope_scaling_grid()
 
   def fine_tuned(attention):
-    return [
-        "TrainConfig.stages = [@long/Stage()]",
-        f"TrainConfig.steps = {rope.TUNE_STEPS}",
-        "TrainConfig.init_mode = 'params_and_optimizer'",
-        "long/Stage.train_mixture = 'demo_retrieval'",
-        "long/Stage.data = {'loss_normalization': 'documents'}",
-        *rope.long_stage(attention, L, 8),
-    ]
+    return [*rope.fine_tuned(attention, L, 8),
+            "long/Stage.train_mixture = 'demo_retrieval'",
+            "long/Stage.data = {'loss_normalization': 'documents'}"]
 
   c = ml_collections.ConfigDict()
   c.gin_files = ["configs/demo.gin", "configs/recipes/demo_retrieval.gin"]
