@@ -2,10 +2,10 @@
     [--suite=niah_grid,ppl_by_position] [--compare=OTHER_RESULTS_DIR ...] [--verbose]
 
 Restores the newest (or the named) checkpoint of DIR (when DIR has none, of the run that
-TrainConfig.init_from names: a run not yet trained is its starting point), scores the eval tasks teacher-forced
-(what the training loop logs) and runs the probes of the suite (`lcjax.eval.suite`; default
-`EvalConfig.suite`), then writes DIR/eval/<step>/: results.json, one CSV and PNG per probe and
-report.md (`lcjax.eval.report`). --compare draws another run's results (its eval/<step>
+TrainConfig.init_from names: a run not yet trained is its starting point), scores the eval
+tasks teacher-forced (what the training loop logs) and runs the probes of the suite
+(`lcjax.eval.suite`; default `EvalConfig.suite`), then writes DIR/eval/<step>/: results.json,
+one CSV and PNG per probe and report.md (`lcjax.eval.report`). --compare draws another run's results (its eval/<step>
 directory or results.json) on the same plots. Creates nothing when DIR or the checkpoint is
 missing. Exit status: 0 done, 1 the evaluation failed, 2 the command or its configuration must
 change (see lcjax/cli.py).

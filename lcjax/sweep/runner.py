@@ -3,8 +3,8 @@
 A cell is `python -m lcjax.train` in ROOT/CELL (then `python -m lcjax.eval` when the grid has
 `eval`), its output appended to ROOT/CELL/sweep.log. In a grid with a base, the base trains
 first in ROOT/base (not evaluated), every cell starts from it (TrainConfig.init_from), and a
-cell of 0 steps is only evaluated. Up to `parallel` cells run at once, each
-in a slot with its share of the host (lcjax.sweep.placement). A failed cell does not stop the
+cell of 0 steps is only evaluated. Up to `parallel` cells run at once, each in a slot with its
+share of the host (lcjax.sweep.placement). A failed cell does not stop the
 others; a rerun skips done and running cells and resumes the rest (lcjax.train resumes from
 the checkpoints). Done means trained to TrainConfig.steps: lcjax.train also exits 0 when
 preempted.

@@ -162,12 +162,13 @@ def test_readme_run_commands_parse_and_dry_run(tmp_path, monkeypatch):
       assert printed and all("lcjax." in p for p in printed)
 
 
-BASE_GRID = dict(
-    axes=[("method", {"zero_shot": ["EvalConfig.attention = {'rope_theta': 1e6}"],
-                      "tuned": ["TrainConfig.steps = 1", "AttentionConfig.rope_theta = 1e6"]})],
-    bindings=["TrainConfig.steps = 2"], extra="  c.base = ['OptimConfig.warmup_steps = 1']\n  c.eval = True\n")
 # The zero-shot cell's run is the base's only when it binds what the base's own bindings do.
-BASE_GRID["axes"][0][1]["zero_shot"].append("OptimConfig.warmup_steps = 1")
+BASE_GRID = dict(
+    axes=[("method", {"zero_shot": ["EvalConfig.attention = {'rope_theta': 1e6}",
+                                    "OptimConfig.warmup_steps = 1"],
+                      "tuned": ["TrainConfig.steps = 1", "AttentionConfig.rope_theta = 1e6"]})],
+    bindings=["TrainConfig.steps = 2"],
+    extra="  c.base = ['OptimConfig.warmup_steps = 1']\n  c.eval = True\n")
 
 
 def test_a_grid_with_a_base_trains_it_first_and_starts_every_cell_from_it(tmp_path):
