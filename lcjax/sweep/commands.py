@@ -60,7 +60,7 @@ def run(grid_path: str, root: str, parallel: int = 1, dry_run: bool = False,
   states = {}
   with runner.passing_on_sigterm():
     if base is not None and (start or cell == grids.BASE):
-      states = _run_base(grid, base, root, steps, slots(1), say)
+      states = _run_base(grid, base, cells, root, steps, slots(1), say)
     if states.get(grids.BASE, "done") == "done":
       # Fewer cells than slots (a job array's one cell) share the host between them.
       states.update(runner.run_cells(grid, start, root, steps,
@@ -73,7 +73,7 @@ def run(grid_path: str, root: str, parallel: int = 1, dry_run: bool = False,
   return {**skipped, **states}
 
 
-def _run_base(grid, base, root, steps: dict, whole_host: list, say) -> dict:
+def _run_base(grid, base, cells, root, steps: dict, whole_host: list, say) -> dict:
   """{BASE: state} once the base is trained (on the whole host), or was already."""
   state, record = status.state_of(root, base.name)
   if state == "running":
@@ -84,6 +84,14 @@ def _run_base(grid, base, root, steps: dict, whole_host: list, say) -> dict:
   if state == "done":
     say(f"skip   {base.name} (done)")
     return {}
+  # Cells start only once the base is done, so a cell that has run started from an earlier
+  # base, since deleted: a new base would mix two bases in one report.
+  ran = [status.cell_dir(root, c.name) for c in cells if status.state_of(root, c.name)[1]]
+  if ran:
+    raise ConfigError(
+        f"The grid's base run ({status.cell_dir(root, base.name)}) is not trained, but "
+        f"{len(ran)} cell(s) already ran from an earlier one: delete them too "
+        f"({', '.join(map(str, ran))}) to redo them from a new base, or restore the old base.")
   return runner.run_cells(grid, [base], root, steps, whole_host, say=say)
 
 

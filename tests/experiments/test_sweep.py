@@ -211,6 +211,16 @@ def test_a_grid_with_a_base_names_no_cell_base_and_its_array_waits_for_the_base(
     commands.run(path, root, backend="cpu", say=lambda _: None)
 
 
+def test_a_base_is_not_retrained_under_cells_that_ran_from_an_earlier_one(tmp_path):
+  path, root = write_grid(tmp_path, **BASE_GRID), str(tmp_path / "root")
+  status.write_status(root, "method=tuned", state="done", exit_code=0)  # then base deleted
+  with pytest.raises(ConfigError, match=re.escape(
+      f"not trained, but 1 cell(s) already ran from an earlier one: delete them too "
+      f"({root}/method=tuned) to redo them from a new base")):
+    commands.run(path, root, backend="cpu", say=lambda _: None)
+  assert not os.path.exists(os.path.join(root, grids.BASE))
+
+
 def _cli():
   import importlib.util
   spec = importlib.util.spec_from_file_location("sweep_cli",
