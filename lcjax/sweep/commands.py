@@ -86,7 +86,7 @@ def _run_base(grid, base, cells, root, steps: dict, whole_host: list, say) -> di
     return {}
   # Cells start only once the base is done, so a cell that has run started from an earlier
   # base, since deleted: a new base would mix two bases in one report.
-  ran = [status.cell_dir(root, c.name) for c in cells if status.state_of(root, c.name)[1]]
+  ran = [status.cell_dir(root, c.name) for c in cells if status.read_status(root, c.name)]
   if ran:
     raise ConfigError(
         f"The grid's base run ({status.cell_dir(root, base.name)}) is not trained, but "
